@@ -1,0 +1,7 @@
+"""dla_shared: the backend-neutral DLA spec (config, policies, state object) and the numpy oracle."""
+
+from .config import DLAConfig
+from .oracle import Trace, dla_attention, inspect
+from .state import DLAState
+
+__all__ = ["DLAConfig", "DLAState", "Trace", "dla_attention", "inspect"]

@@ -1,0 +1,98 @@
+"""The state object every backend returns and accepts, and the checks of the op's arguments.
+
+`DLAState` holds arrays of the backend that made it (numpy, torch or mlx), same fields and layout:
+
+=====  ===================  ===============================================================
+S      [N, H, L, Dk, Dv]    the states, float32 (float64 for float64 inputs); slot i at index i,
+                            newest first (see `dla_shared.policy`)
+n      [N, H, L] int64      tokens held by each slot, 0 = empty
+ibar   [N, H, L] float      sum of the information scores of each slot's tokens (dtype of S)
+pos    [N] int64            tokens each sequence has seen
+=====  ===================  ===============================================================
+
+N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states always sum
+to the single-state base model's state, and ``n.sum(-1) == pos`` for every head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from .config import DLAConfig
+
+
+@dataclasses.dataclass
+class DLAState:
+    S: Any
+    n: Any
+    ibar: Any
+    pos: Any
+
+    @property
+    def num_states(self):
+        """Occupied slots per (sequence, head): [N, H]."""
+        return (self.n > 0).sum(-1)
+
+
+def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens, *, is_float: Callable):
+    """Validate the op's arguments; return (B, T, H, Dk, Dv, L, N). Errors name the argument.
+
+    ``is_float(x)`` tells whether a backend array has a floating dtype.
+    """
+    if not isinstance(config, DLAConfig):
+        raise TypeError(f"config must be a DLAConfig, got {type(config).__name__}")
+    if len(q.shape) != 4:
+        raise ValueError(f"q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
+    B, T, H, Dk = q.shape
+    if len(v.shape) != 4:
+        raise ValueError(f"v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
+    Dv = v.shape[-1]
+    L = config.num_slots
+    expected = {
+        "k": (B, T, H, Dk),
+        "v": (B, T, H, Dv),
+        "g": (B, T, H),
+        "lam": (B, T, H, L),
+        "beta": (B, T, H),
+    }
+    tensors = {"q": q, "k": k, "v": v, "g": g, "lam": lam, "beta": beta}
+    for name, x in tensors.items():
+        if x is None and name in ("lam", "beta"):
+            continue
+        if name != "q" and tuple(x.shape) != expected[name]:
+            hint = f" (lam.shape[-1] must be config.num_slots = {L} for policy={config.policy!r})" if name == "lam" else ""
+            raise ValueError(f"{name} must have shape {list(expected[name])} [B, T, H, ...], got {list(x.shape)}{hint}")
+        if not is_float(x):
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    N = B
+    if mask is not None:
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must have shape [B, T] = {[B, T]}, got {list(mask.shape)}")
+        if "bool" not in str(mask.dtype):
+            raise TypeError(f"mask must be a bool array (False = padding), got {mask.dtype}")
+    if cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("pass either mask or cu_seqlens, not both")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs the sequences packed in one row (B == 1), got B = {B}")
+        if len(cu_seqlens.shape) != 1 or cu_seqlens.shape[0] < 2 or is_float(cu_seqlens):
+            raise ValueError(f"cu_seqlens must be a 1-D integer array [N + 1], got shape {list(cu_seqlens.shape)}")
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        if bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {bounds}")
+        N = len(bounds) - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, DLAState):
+            raise TypeError(f"initial_state must be a DLAState, got {type(initial_state).__name__}")
+        shapes = {
+            "S": (N, H, L, Dk, Dv),
+            "n": (N, H, L),
+            "ibar": (N, H, L),
+            "pos": (N,),
+        }
+        for name, shape in shapes.items():
+            got = tuple(getattr(initial_state, name).shape)
+            if got != shape:
+                raise ValueError(f"initial_state.{name} must have shape {list(shape)}, got {list(got)}")
+    return B, T, H, Dk, Dv, L, N
