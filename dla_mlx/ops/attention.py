@@ -1,0 +1,73 @@
+"""`dla_attention` for MLX: argument checks, dtypes, packed sequences, and the choice of impl."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from dla_shared import DLAConfig, DLAState
+from dla_shared.state import check_inputs
+
+from .reference import dla_reference
+
+IMPLS = {"reference": dla_reference}
+
+
+def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
+                  initial_state: DLAState | None = None, output_final_state: bool = False, cu_seqlens=None,
+                  impl: str = "auto"):
+    """Dynamic Linear Attention (DESIGN section 2); the mirror of `dla_torch.dla_attention`.
+
+    Args:
+        q, k: [B, T, H, Dk]. v: [B, T, H, Dv].
+        g: [B, T, H] log decay (<= 0); every state is multiplied by exp(g_t).
+        lam: [B, T, H, L] read weights, L = config.num_slots (slot 0 = newest state); None = ones.
+        beta: [B, T, H] in (0, 1) for the gated delta rule; None for the diagonal transition.
+        config: the cache policy. scale: output scale.
+        mask: [B, T] bool, False = padding (changes nothing, output zero).
+        initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
+        cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
+        impl: "auto" or "reference".
+
+    Returns:
+        o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
+        inputs) or None.
+    """
+    B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
+                                         is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
+    if impl == "auto":
+        impl = "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    out_dtype = q.dtype
+    dtype = mx.float64 if q.dtype == mx.float64 else mx.float32
+    cast = lambda x: None if x is None else x.astype(dtype)
+    q, k, v, g, beta = map(cast, (q, k, v, g, beta))
+    lam = mx.ones((B, T, H, L), dtype=dtype) if lam is None else cast(lam)
+    state = empty_state(N, H, L, Dk, Dv, dtype) if initial_state is None else _cast_state(initial_state, dtype)
+
+    run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],
+                                       None if beta is None else beta[:, s:e],
+                                       None if mask is None else mask[:, s:e], st, config=config, scale=scale)
+    if cu_seqlens is None:
+        o, state = run(0, T, state)
+    else:
+        bounds = cu_seqlens.tolist()
+        pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        o = mx.concatenate([p[0] for p in pieces], axis=1)
+        state = DLAState(*(mx.concatenate([getattr(p[1], f) for p in pieces]) for f in ("S", "n", "ibar", "pos")))
+    return o.astype(out_dtype), (state if output_final_state else None)
+
+
+def empty_state(N, H, L, Dk, Dv, dtype=mx.float32) -> DLAState:
+    """A DLAState with no tokens: N sequences, H heads, L slots."""
+    return DLAState(mx.zeros((N, H, L, Dk, Dv), dtype=dtype), mx.zeros((N, H, L), dtype=mx.int64),
+                    mx.zeros((N, H, L), dtype=dtype), mx.zeros((N,), dtype=mx.int64))
+
+
+def _cast_state(state: DLAState, dtype) -> DLAState:
+    return DLAState(state.S.astype(dtype), state.n.astype(mx.int64), state.ibar.astype(dtype),
+                    state.pos.astype(mx.int64))
+
+
+def _index_state(state: DLAState, i: int) -> DLAState:
+    return DLAState(*(getattr(state, f)[i : i + 1] for f in ("S", "n", "ibar", "pos")))

@@ -1,0 +1,50 @@
+"""The exact PyTorch reference: DESIGN section 2 token by token, vectorized over rows and heads.
+
+Differentiable in q, k, v, g, beta, lam and the initial states; the cache decisions (piecewise constant)
+come from `dla_shared.policy` on the host, from the score's three scalars. Shapes as in
+`dla_torch.dla_attention`; states are float32 (float64 for float64 inputs) in the layout of `DLAState`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dla_shared import policy
+from dla_shared.state import DLAState
+
+
+def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
+    """Run a [B, T] block from ``state`` (batch B); return (o [B, T, H, Dv], final DLAState)."""
+    B, T, H, _ = q.shape
+    S, n, ibar, pos = state.S, state.n.numpy(), state.ibar.numpy(), state.pos.numpy()
+    size = S.shape[-1] * S.shape[-2]
+    active = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu()
+    outputs = []
+    for t in range(T):
+        S_old = S
+        S = torch.exp(g[:, t])[..., None, None, None] * _transition(S, k[:, t], None if beta is None else beta[:, t])
+        b_t = 1.0 if beta is None else beta[:, t, :, None, None]
+        token = b_t * k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, Dk, Dv]
+        with torch.no_grad():
+            newest = S[:, :, 0]
+            terms = [(newest * newest).sum((-2, -1)), (token * token).sum((-2, -1)), (newest * token).sum((-2, -1))]
+            score = policy.score_from_terms(config, *(x.cpu().numpy() for x in terms), size)
+        plan = policy.plan(config, n, ibar, pos, score, active[:, t].numpy())
+        n, ibar, pos = plan.n, plan.ibar, plan.pos
+        S = torch.einsum("bhij,bhjkv->bhikv", torch.from_numpy(plan.transfer).to(S), S)
+        S = torch.cat([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], dim=2)
+        on = active[:, t].to(S.device)
+        S = torch.where(on[:, None, None, None, None], S, S_old)
+        o = scale * torch.einsum("bhl,bhk,bhlkv->bhv", lam[:, t].to(S), q[:, t].to(S), S)
+        outputs.append(o * on[:, None, None])
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, S.shape[-1], dtype=S.dtype)
+    final = DLAState(S, torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
+    return o, final
+
+
+def _transition(S, k, beta):
+    """(I - beta k k^T) S for every state; S unchanged for the diagonal transition. k [B, H, Dk]."""
+    if beta is None:
+        return S
+    kS = torch.einsum("bhk,bhlkv->bhlv", k, S)
+    return S - beta[..., None, None, None] * k[:, :, None, :, None] * kS[:, :, :, None, :]
