@@ -1,0 +1,111 @@
+"""Shared test helpers: inputs, conversions between backends, and the fla-style relative error."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+from dla_shared import DLAConfig, DLAState
+
+NAMES = ("q", "k", "v", "g", "lam", "beta")
+POLICIES = ("single", "fenwick", "fixed", "dla")
+
+
+def config_for(policy: str, **overrides) -> DLAConfig:
+    """Small caches so that merging is exercised at test lengths."""
+    defaults = {"single": {}, "fenwick": {"capacity": 12}, "fixed": {"capacity": 4, "block_size": 6},
+                "dla": {"capacity": 4}}[policy]
+    return DLAConfig(policy=policy, **{**defaults, **overrides})
+
+
+def make_inputs(config: DLAConfig, B=2, T=37, H=3, Dk=5, Dv=7, delta=False, seed=0, switch=0.15):
+    """float64 numpy inputs whose keys and values drift between random segments.
+
+    Each (row, head) switches to a new segment with probability ``switch`` per token, so boundaries
+    differ per row and head. Keys are unit norm (the delta rule needs ||k|| <= 1 for stability).
+    """
+    rng = np.random.default_rng(seed)
+    new_segment = rng.random((B, T, H)) < switch
+    segment = np.cumsum(new_segment, axis=1)
+    protos_k = rng.standard_normal((B, T + 1, H, Dk))
+    protos_v = rng.standard_normal((B, T + 1, H, Dv))
+    take = lambda protos: np.take_along_axis(protos, segment[..., None], axis=1)
+    k = take(protos_k) + 0.3 * rng.standard_normal((B, T, H, Dk))
+    v = take(protos_v) + 0.3 * rng.standard_normal((B, T, H, Dv))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    return {
+        "q": rng.standard_normal((B, T, H, Dk)),
+        "k": k,
+        "v": v,
+        "g": -0.5 * rng.random((B, T, H)),
+        "lam": rng.random((B, T, H, config.num_slots)) + 0.5,
+        "beta": rng.random((B, T, H)) if delta else None,
+    }
+
+
+def to_torch(x, dtype=torch.float64, requires_grad=False):
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {name: to_torch(v, dtype, requires_grad) for name, v in x.items()}
+    if isinstance(x, DLAState):
+        return DLAState(to_torch(x.S, dtype, requires_grad), torch.tensor(np.asarray(x.n)),
+                        to_torch(x.ibar, dtype), torch.tensor(np.asarray(x.pos)))
+    return torch.tensor(np.asarray(x), dtype=dtype, requires_grad=requires_grad)
+
+
+def to_mlx(x, dtype=mx.float64):
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {name: to_mlx(v, dtype) for name, v in x.items()}
+    if isinstance(x, DLAState):
+        return DLAState(to_mlx(x.S, dtype), mx.array(np.asarray(x.n)), to_mlx(x.ibar, dtype),
+                        mx.array(np.asarray(x.pos)))
+    return mx.array(np.asarray(x), dtype=dtype)
+
+
+def to_numpy(x):
+    if x is None:
+        return None
+    if isinstance(x, DLAState):
+        return DLAState(*(to_numpy(getattr(x, f)) for f in ("S", "n", "ibar", "pos")))
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def rel_err(ref, x) -> float:
+    """Relative RMS error, as fla's assert_close: RMS(ref - x) / (RMS(ref) + 1e-12)."""
+    ref, x = np.asarray(to_numpy(ref), np.float64), np.asarray(to_numpy(x), np.float64)
+    assert ref.shape == x.shape, (ref.shape, x.shape)
+    assert np.isfinite(x).all(), "non-finite values"
+    return float(np.sqrt(np.mean((ref - x) ** 2)) / (np.sqrt(np.mean(ref**2)) + 1e-12))
+
+
+def assert_close(name, ref, x, tol):
+    err = rel_err(ref, x)
+    assert err <= tol, f"{name}: relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def assert_states_close(ref: DLAState, x: DLAState, tol):
+    """Same bookkeeping exactly, states and scores within ``tol``."""
+    ref, x = to_numpy(ref), to_numpy(x)
+    np.testing.assert_array_equal(ref.n, x.n, err_msg="n")
+    np.testing.assert_array_equal(ref.pos, x.pos, err_msg="pos")
+    assert_close("S", ref.S, x.S, tol)
+    assert_close("ibar", ref.ibar, x.ibar, tol)
+
+
+def load_fla_naive():
+    """fla's naive_log_linear_attn, loaded by file path: the package __init__ needs a GPU stack."""
+    spec = importlib.util.find_spec("fla")
+    path = os.path.join(os.path.dirname(spec.origin), "ops", "log_linear_attn", "naive.py")
+    module_spec = importlib.util.spec_from_file_location("fla_log_linear_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.naive_log_linear_attn
