@@ -52,6 +52,8 @@ def to_torch(x, dtype=torch.float64, requires_grad=False):
         return None
     if isinstance(x, dict):
         return {name: to_torch(v, dtype, requires_grad) for name, v in x.items()}
+    if isinstance(x, list):
+        return [to_torch(v, dtype, requires_grad) for v in x]
     if isinstance(x, DLAState):
         return DLAState(to_torch(x.S, dtype, requires_grad), torch.tensor(np.asarray(x.n)),
                         to_torch(x.ibar, dtype), torch.tensor(np.asarray(x.pos)))
@@ -63,6 +65,8 @@ def to_mlx(x, dtype=mx.float64):
         return None
     if isinstance(x, dict):
         return {name: to_mlx(v, dtype) for name, v in x.items()}
+    if isinstance(x, list):
+        return [to_mlx(v, dtype) for v in x]
     if isinstance(x, DLAState):
         return DLAState(to_mlx(x.S, dtype), mx.array(np.asarray(x.n)), to_mlx(x.ibar, dtype),
                         mx.array(np.asarray(x.pos)))
