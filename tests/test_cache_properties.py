@@ -23,7 +23,7 @@ from dla_shared.config import SCORES
 import dla_torch
 from helpers import POLICIES, make_inputs, to_numpy, to_torch
 
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=120, deadline=None)
 TRANSITIONS = {"diagonal": False, "delta": True}
 STATE_FIELDS = ("S", "n", "ibar", "pos")
 
