@@ -53,8 +53,9 @@ class DLAConfig:
                 raise ValueError(f"DLAConfig.{name} must be a finite number, got {value!r}")
         if self.eps <= 0:
             raise ValueError(f"DLAConfig.eps must be > 0, got {self.eps!r}")
-        if self.policy == "fenwick" and self.capacity < 2:
-            raise ValueError(f"DLAConfig.capacity must be >= 2 for policy='fenwick' (levels), got {self.capacity}")
+        if self.policy != "single" and self.capacity < 2:
+            # One slot leaves no adjacent pair to merge: that cache is policy='single'.
+            raise ValueError(f"DLAConfig.capacity must be >= 2 for policy={self.policy!r}, got {self.capacity}")
 
     @property
     def num_slots(self) -> int:

@@ -2,9 +2,6 @@
 
 Hypothesis draws small random problems (policy, capacity, threshold, block size, shapes, seeds) and the
 numpy float64 oracle runs them; `dla_shared.policy.step` is driven directly where that is clearer.
-
-Note: ``merge="density"`` is drawn with capacity >= 2 only: with capacity 1 the policy has no adjacent
-pair to rank and raises (reported separately as a library bug).
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ def configs(draw, policies=POLICIES, merges=("density", "oldest"), T=40) -> DLAC
     if name == "fenwick":  # enough levels for T tokens: T <= 2 ** (capacity - 1)
         capacity = draw(st.integers(max(2, (T - 1).bit_length() + 1), 8))
     else:
-        capacity = draw(st.integers(2 if merge == "density" else 1, 5))
+        capacity = draw(st.integers(2, 5))
     return DLAConfig(policy=name, capacity=capacity, merge=merge, score=draw(st.sampled_from(SCORES)),
                      threshold=draw(st.floats(0.05, 1.5)), block_size=draw(st.integers(1, 7)))
 

@@ -162,9 +162,11 @@ def test_config_capacity_must_be_a_positive_integer(capacity):
         DLAConfig(capacity=capacity)
 
 
-def test_config_fenwick_needs_two_levels():
-    with pytest.raises(ValueError, match=r"DLAConfig\.capacity must be >= 2 for policy='fenwick'"):
-        DLAConfig(policy="fenwick", capacity=1)
+@pytest.mark.parametrize("policy", ["fenwick", "fixed", "dla"])
+def test_config_multi_state_policies_need_two_slots(policy):
+    with pytest.raises(ValueError, match=rf"DLAConfig\.capacity must be >= 2 for policy='{policy}'"):
+        DLAConfig(policy=policy, capacity=1)
+    assert DLAConfig(policy="single", capacity=1).num_slots == 1
 
 
 @pytest.mark.parametrize("field, value", [

@@ -38,7 +38,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         on = mx.array(active[:, t])
         S = mx.where(on[:, None, None, None, None], S, S_old)
         o = scale * mx.einsum("bhl,bhk,bhlkv->bhv", lam[:, t].astype(S.dtype), q[:, t].astype(S.dtype), S)
-        outputs.append(o * on[:, None, None])
+        outputs.append(mx.where(on[:, None, None], o, 0))  # padding may hold NaN
     o = mx.stack(outputs, axis=1) if outputs else mx.zeros((B, 0, H, S.shape[-1]), dtype=S.dtype)
     final = DLAState(S, mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=S.dtype), mx.array(pos, dtype=mx.int64))
     return o, final

@@ -36,7 +36,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         on = active[:, t].to(S.device)
         S = torch.where(on[:, None, None, None, None], S, S_old)
         o = scale * torch.einsum("bhl,bhk,bhlkv->bhv", lam[:, t].to(S), q[:, t].to(S), S)
-        outputs.append(o * on[:, None, None])
+        outputs.append(torch.where(on[:, None, None], o, 0))  # padding may hold NaN
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, S.shape[-1], dtype=S.dtype)
     final = DLAState(S, torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
     return o, final
