@@ -33,9 +33,16 @@ from .state import DLAState, check_inputs
 class Trace:
     """What the cache did at every token (``inspect``); padding has score NaN and pos -1.
 
-    score [B, T, H], opened bool [B, T, H], merge_slot int [B, T, H] (slot, after the step, that
-    holds merged states; -1 if none), n int [B, T, H, L] (tokens per slot after the token),
-    pos int [B, T] (the token's position in its sequence).
+    ======================  ==================================================================
+    score [B, T, H]         the information score I_t (0 for a sequence's first token)
+    opened bool [B, T, H]   the token opened a new state
+    merge_slot [B, T, H]    the slot, after the token, that holds merged states, -1 if none:
+                            for fixed / dla the old pair (merge_slot - 1, merge_slot) merged
+                            before everything moved one slot older; for fenwick levels
+                            0 .. merge_slot - 1 folded into level merge_slot
+    n [B, T, H, L]          tokens held by each slot after the token (the slot layout)
+    pos [B, T]              the token's position in its sequence
+    ======================  ==================================================================
     """
 
     score: np.ndarray
@@ -52,6 +59,20 @@ class Trace:
     def boundaries(self, b: int = 0, h: int = 0) -> np.ndarray:
         """Positions (in the sequence) of the tokens that opened a state."""
         return self.pos[b][self.opened[b, :, h]]
+
+    def slot_map(self, b: int = 0, h: int = 0) -> np.ndarray:
+        """slot_t(s) over row b's non-padding tokens: [T', T'] int, the slot at time t of the state
+        holding token s, -1 where s > t or s belongs to another sequence. DLA's output is the base
+        model's attention matrix masked by ``lam_t[slot_t(s)]`` (DESIGN section 2)."""
+        idx = np.flatnonzero(self.pos[b] >= 0)
+        pos = self.pos[b, idx]
+        out = np.full((len(idx), len(idx)), -1)
+        for i, t in enumerate(idx):
+            j = np.arange(i + 1)
+            same = pos[i] - pos[j] == i - j  # contiguous positions: the same sequence
+            ends = pos[i] + 1 - np.cumsum(self.n[b, t, h])  # slot k holds positions [ends[k], ends[k-1])
+            out[i, j[same]] = np.searchsorted(-ends, -pos[j[same]], side="left")
+        return out
 
     def spans(self, b: int = 0, t: int = -1, h: int = 0) -> list[tuple[int, int]]:
         """The cache after token t as half-open position spans [start, end), slot 0 (newest) first."""

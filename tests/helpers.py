@@ -106,10 +106,10 @@ def assert_states_close(ref: DLAState, x: DLAState, tol):
 
 
 def load_fla_naive():
-    """fla's naive_log_linear_attn, loaded by file path: the package __init__ needs a GPU stack."""
+    """fla's naive log-linear module, loaded by file path: the package __init__ needs a GPU stack."""
     spec = importlib.util.find_spec("fla")
     path = os.path.join(os.path.dirname(spec.origin), "ops", "log_linear_attn", "naive.py")
     module_spec = importlib.util.spec_from_file_location("fla_log_linear_naive", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.naive_log_linear_attn
+    return module

@@ -14,7 +14,22 @@ import dla_shared
 import dla_torch
 from helpers import NAMES, assert_close, config_for, load_fla_naive, make_inputs, to_mlx, to_torch
 
-naive_log_linear_attn = load_fla_naive()
+fla_naive = load_fla_naive()
+naive_log_linear_attn = fla_naive.naive_log_linear_attn
+
+
+@pytest.mark.parametrize("T", [1, 8, 37, 100], ids=lambda T: f"T{T}")
+def test_fenwick_slots_are_fla_log_linear_levels(T):
+    """The fenwick policy's slot_t(s) is fla's level of s seen from t (its M^H mask)."""
+    config = config_for("fenwick")
+    x = make_inputs(config, 1, T, 1, 3, 3, seed=T)
+    slots = dla_shared.inspect(*(x[n] for n in ("q", "k", "v", "g")), config=config).slot_map()
+    levels = math.ceil(math.log2(max(T, 2))) + 1
+    ones = torch.ones(levels, T, dtype=torch.float64)
+    expected = sum(level * fla_naive.construct_level_mask(level, ones).numpy() for level in range(levels))
+    causal = np.tril(np.ones((T, T), bool))
+    np.testing.assert_array_equal(slots[causal], expected[causal])
+    assert (slots[~causal] == -1).all()
 
 
 @pytest.mark.parametrize("T", [1, 7, 37, 64, 130], ids=lambda T: f"T{T}")
