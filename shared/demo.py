@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import DLAConfig
 from .oracle import dla_attention, inspect
+from .plot import pyplot
 from .synthetic import as_batch, deviation_bound, needle_recall, needle_stream, piecewise_stream
 
 POLICIES = ("dla", "fixed", "fenwick")
@@ -69,11 +70,7 @@ def format_table(rows) -> str:
 
 def plot(path, budget, segments, length, dim, noise, g, threshold, seed=0):
     """One column per stream (piecewise, needle): the DLA score, then each policy's final states."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stream = piecewise_stream(segments, length, dim, dim, noise, seed)
     needle, at = needle_stream(segments, length, dim, dim, noise, seed)
     fig, axes = plt.subplots(1 + len(POLICIES), 2, figsize=(13, 7), sharex="col",
