@@ -12,7 +12,8 @@ pos   int        tokens this row has seen (the position of the next token)
 
 A step never drops a state: it maps every old slot ``j`` to a new slot ``dest[j]`` (several old slots
 mapping to one new slot is a merge, states add), then the token is written into slot 0. Backends apply
-``dest`` as a 0/1 matrix to their states, so this file is the only place where the policies live.
+``dest`` to their states (as a 0/1 matrix, `transfer_matrix`), so this file is the only place where the
+policies live.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _trailing_ones(x: int) -> int:
 class Plan(NamedTuple):
     """One token's decisions for every (row, head); the bookkeeping after it."""
 
-    transfer: np.ndarray  # [B, H, L, L] 0/1, new states = transfer @ old states
+    dest: np.ndarray  # int [B, H, L]: new slot of each old slot (identity where inactive)
     n: np.ndarray  # [B, H, L]
     ibar: np.ndarray  # [B, H, L]
     pos: np.ndarray  # [B]
@@ -132,18 +133,18 @@ def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
     """
     B, H, L = n.shape
     score = np.where(n[..., 0] > 0, score, 0).astype(ibar.dtype)  # an empty cache: I = 0
-    transfer = np.broadcast_to(np.eye(L, dtype=ibar.dtype), (B, H, L, L)).copy()
+    dest = np.broadcast_to(np.arange(L), (B, H, L)).copy()
     n, ibar, pos = n.copy(), ibar.copy(), pos.copy()
     opened = np.zeros((B, H), bool)
     merge_slot = np.full((B, H), -1)
     for b in np.flatnonzero(active):
         for h in range(H):
             s = step(config, n[b, h], ibar[b, h], int(pos[b]), float(score[b, h]))
-            transfer[b, h] = transfer_matrix(s.dest, ibar.dtype)
+            dest[b, h] = s.dest
             n[b, h] = apply(s.dest, n[b, h])
             ibar[b, h] = apply(s.dest, ibar[b, h])
             n[b, h, 0] += 1
             ibar[b, h, 0] += score[b, h]
             opened[b, h], merge_slot[b, h] = s.opened, s.merge_slot
         pos[b] += 1
-    return Plan(transfer, n, ibar, pos, opened, merge_slot)
+    return Plan(dest, n, ibar, pos, opened, merge_slot)

@@ -43,6 +43,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     cast = lambda x: None if x is None else x.astype(dtype)
     q, k, v, g, beta = map(cast, (q, k, v, g, beta))
     lam = mx.ones((B, T, H, L), dtype=dtype) if lam is None else cast(lam)
+    if mask is not None:  # padding may hold anything; zeros keep NaN out of outputs and gradients
+        keep = lambda x: None if x is None else mx.where(mask.reshape(B, T, *[1] * (x.ndim - 2)), x, 0)
+        q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
     state = empty_state(N, H, L, Dk, Dv, dtype) if initial_state is None else _cast_state(initial_state, dtype)
 
     run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],

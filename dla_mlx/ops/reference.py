@@ -33,7 +33,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         score = policy.score_from_terms(config, *(np.array(x) for x in terms), size)
         plan = policy.plan(config, n, ibar, pos, score, active[:, t])
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        S = mx.einsum("bhij,bhjkv->bhikv", mx.array(plan.transfer, dtype=S.dtype), S)
+        S = mx.einsum("bhij,bhjkv->bhikv", mx.array(policy.transfer_matrix(plan.dest), dtype=S.dtype), S)
         S = mx.concatenate([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], axis=2)
         on = mx.array(active[:, t])
         S = mx.where(on[:, None, None, None, None], S, S_old)

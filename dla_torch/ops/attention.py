@@ -7,9 +7,10 @@ import torch
 from dla_shared import DLAConfig, DLAState
 from dla_shared.state import check_inputs
 
+from .chunk import dla_chunk
 from .reference import dla_reference
 
-IMPLS = {"reference": dla_reference}
+IMPLS = {"reference": dla_reference, "chunk": dla_chunk}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -26,7 +27,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
-        impl: "auto" or "reference".
+        impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch) or "auto" (chunk).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -35,7 +36,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=torch.is_floating_point)
     if impl == "auto":
-        impl = "reference"
+        impl = "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype
@@ -43,6 +44,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     cast = lambda x: None if x is None else x.to(dtype)
     q, k, v, g, beta = map(cast, (q, k, v, g, beta))
     lam = q.new_ones(B, T, H, L) if lam is None else cast(lam)
+    if mask is not None:  # padding may hold anything; zeros keep NaN out of outputs and gradients
+        keep = lambda x: None if x is None else torch.where(mask.to(x.device).view(B, T, *[1] * (x.dim() - 2)), x, 0)
+        q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
     state = empty_state(N, H, L, Dk, Dv, dtype, q.device) if initial_state is None else _cast_state(initial_state, dtype)
 
     run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],

@@ -31,7 +31,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
             score = policy.score_from_terms(config, *(x.cpu().numpy() for x in terms), size)
         plan = policy.plan(config, n, ibar, pos, score, active[:, t].numpy())
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        S = torch.einsum("bhij,bhjkv->bhikv", torch.from_numpy(plan.transfer).to(S), S)
+        S = torch.einsum("bhij,bhjkv->bhikv", torch.from_numpy(policy.transfer_matrix(plan.dest)).to(S), S)
         S = torch.cat([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], dim=2)
         on = active[:, t].to(S.device)
         S = torch.where(on[:, None, None, None, None], S, S_old)
