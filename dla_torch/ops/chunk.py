@@ -2,11 +2,10 @@
 
 For each chunk of C tokens (the last may be shorter), with the K carried states S_i at its start:
 
-1. **Scan** (no gradient). The score needs three scalars of the newest state S~_t. They follow from the
-   chunk's key Gram matrix and the reads ``S_newest^T k_u`` of the carried newest state by a token-by-token
-   update over the chunk (O(C^2 Dv) per chunk); `dla_shared.policy` turns them into decisions, recorded as
-   ``sigma[t, x]``: the slot, after token t, of carried state x (x < L) or of chunk token x - L (-1 if
-   not written yet).
+1. **Scan** (no gradient). The score needs only the newest state, so one pass over the tokens carries
+   that state alone (O(Dk Dv) per token, the single-state recurrence), and `dla_shared.policy` turns the
+   scores into decisions, recorded as ``sigma[t, x]``: the slot, after token t, of the state carried into
+   t's chunk x (x < L) or of the chunk's token x - L (-1 if not written yet).
 2. **Math** (differentiable). Per chunk, with ``gamma_j = exp(cumsum g)`` and for the delta rule the
    triangular ``T[j, s] = delta_js + [s < j] (gamma_j / gamma_s) beta_s k_j.k_s`` (the UT transform):
    ``A = D T^-1`` is the base model's attention matrix inside the chunk (D its decay-masked q.k beta),
@@ -34,94 +33,85 @@ from dla_shared.state import DLAState
 CHUNK = 64
 
 
-def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK):
-    """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState)."""
+def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None):
+    """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
+
+    ``decide`` computes the decisions (`scan` here; the Triton impl passes its kernel).
+    """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
-    active = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu()
-    book = (state.n.numpy().copy(), state.ibar.numpy().copy(), state.pos.numpy().copy())
+    active = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask.to(q.device)
+    with torch.no_grad():
+        sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
-
-    # Decide chunk by chunk (the scan needs each chunk's start states); without gradients this is all.
-    sigmas, outputs, S = [], [], state.S
-    with torch.no_grad():
-        for c0, c1 in chunks:
-            sigma, book = _scan(config, k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], _part(beta, c0, c1),
-                                active[:, c0:c1].numpy(), S[:, :, 0], book)
-            o, S = _math(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], lam[:, c0:c1],
-                         _part(beta, c0, c1), S, sigma, scale)
-            sigmas.append(sigma)
-            outputs.append(o)
-    if _needs_grad(q, k, v, g, lam, beta, state.S):
-        # Again with gradients, keeping the states only at the start of each segment of sqrt(#chunks).
+    if not _needs_grad(q, k, v, g, lam, beta, state.S):
+        o, S = _run_chunks(q, k, v, g, lam, beta, state.S, chunks, sigma, scale)
+    else:
+        # Keep the K states only at the start of each segment of sqrt(#chunks) chunks; recompute the rest.
         outputs, S = [], state.S
         per = max(1, math.isqrt(len(chunks)))
         for first in range(0, len(chunks), per):
             seg = chunks[first : first + per]
             s0, s1 = seg[0][0], seg[-1][1]
             o, S = checkpoint(_run_chunks, q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
-                              _part(beta, s0, s1), S, [(a - s0, b - s0) for a, b in seg],
-                              sigmas[first : first + per], scale, use_reentrant=False)
+                              _part(beta, s0, s1), S, [(a - s0, b - s0) for a, b in seg], sigma[:, :, s0:s1],
+                              scale, use_reentrant=False)
             outputs.append(o)
-    o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, v.shape[-1])
-    n, ibar, pos = book
-    return o, DLAState(S, torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
+        o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, v.shape[-1])
+    return o, DLAState(S, *book)
 
 
-def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigmas, scale):
-    outputs = []
-    for (c0, c1), sigma in zip(chunks, sigmas):
+def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigma, scale):
+    B, _, H, _ = q.shape
+    L = S.shape[2]
+    outputs = [q.new_zeros(B, 0, H, S.shape[-1])]
+    for c0, c1 in chunks:
         o, S = _math(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], lam[:, c0:c1], _part(beta, c0, c1),
-                     S, sigma, scale)
+                     S, sigma[:, :, c0:c1, : L + c1 - c0].long(), scale)
         outputs.append(o)
     return torch.cat(outputs, dim=1), S
 
 
-def _scan(config, k, v, g, beta, active, newest, book):
-    """Decisions for one chunk. k [B, C, H, Dk], v [B, C, H, Dv], g/beta [B, C, H], active bool
-    [B, C] (numpy), newest [B, H, Dk, Dv] the carried slot 0; book = (n, ibar, pos) numpy.
-    Returns sigma int64 [B, H, C, L + C] and the bookkeeping after the chunk."""
-    B, C, H, _ = k.shape
-    n, ibar, pos = book
-    L = n.shape[-1]
-    kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, C, D]
-    bh = torch.ones(B, H, C, dtype=k.dtype) if beta is None else beta.transpose(1, 2)
-    gram = kh @ kh.transpose(-1, -2)  # k_u . k_t  [B, H, C, C]
-    k_sq, v_sq = (kh * kh).sum(-1), (vh * vh).sum(-1)
-    # X: the newest state after the last write; xk[u] = X^T k_u for every chunk token u.
-    xk = torch.einsum("bhkv,bhuk->bhuv", newest, kh)
-    x_sq = (newest * newest).sum((-2, -1))
-    size = newest.shape[-1] * newest.shape[-2]
-    slot_of = np.concatenate([np.broadcast_to(np.arange(L), (B, H, L)), np.full((B, H, C), -1)], axis=-1)
-    sigma = np.empty((B, H, C, L + C), np.int64)
-    for t in range(C):
-        decay, b_t = torch.exp(g[:, t]), bh[:, :, t]
-        xk_t = xk[:, :, t]
-        if beta is None:  # S~ = exp(g) X
-            state_sq = decay**2 * x_sq
-            w = decay[..., None, None] * xk
-        else:  # S~ = exp(g) (I - beta k k^T) X
-            state_sq = decay**2 * (x_sq - b_t * (2 - b_t * k_sq[:, :, t]) * (xk_t * xk_t).sum(-1))
-            w = decay[..., None, None] * (xk - b_t[..., None, None] * gram[:, :, t, :, None] * xk_t[:, :, None])
-        cross = b_t * (w[:, :, t] * vh[:, :, t]).sum(-1)
-        token_sq = b_t**2 * k_sq[:, :, t] * v_sq[:, :, t]
-        score = policy.score_from_terms(config, *(x.cpu().numpy() for x in (state_sq, token_sq, cross)), size)
-        plan = policy.plan(config, n, ibar, pos, score, active[:, t])
+def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
+    """The decisions, token by token, tracking only the newest state X (DESIGN section 3).
+
+    k [B, T, H, Dk], v [B, T, H, Dv], g/beta [B, T, H], active bool [B, T]. Returns ``sigma`` int16
+    [B, H, T, L + C]: at token t (chunk-local index j), the slot after t of each state carried into t's
+    chunk (columns < L) and of each of the chunk's tokens (column L + s; -1 until written), and the
+    final bookkeeping (n, ibar, pos) as CPU tensors.
+    """
+    B, T, H, _ = k.shape
+    n, ibar, pos = state.n.numpy().copy(), state.ibar.numpy().copy(), state.pos.numpy().copy()
+    L, C = n.shape[-1], chunk_size
+    X = state.S[:, :, 0]  # the newest state after the last write  [B, H, Dk, Dv]
+    size = X.shape[-1] * X.shape[-2]
+    on = active.cpu().numpy()
+    sigma = np.full((B, H, T, L + C), -1, np.int16)
+    for t in range(T):
+        if t % C == 0:  # a new chunk: carried states sit in their own slots, no token yet
+            slot_of = np.concatenate([np.broadcast_to(np.arange(L), (B, H, L)), np.full((B, H, C), -1)], -1)
+        kt, vt = k[:, t], v[:, t]
+        token = kt[..., :, None] * vt[..., None, :]
+        if beta is None:
+            S_new = torch.exp(g[:, t])[..., None, None] * X  # S~, the newest state before the write
+        else:
+            bt = beta[:, t, :, None, None]
+            S_new = torch.exp(g[:, t])[..., None, None] * (X - bt * kt[..., :, None] * (kt[..., None, :] @ X))
+            token = bt * token
+        terms = [(S_new * S_new).sum((-2, -1)), (token * token).sum((-2, -1)), (S_new * token).sum((-2, -1))]
+        score = policy.score_from_terms(config, *(x.cpu().numpy() for x in terms), size)
+        plan = policy.plan(config, n, ibar, pos, score, on[:, t])
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        # Where a state opened, X restarts from the token; else the token adds to S~.
-        opened = torch.from_numpy(plan.opened).to(k.device)
-        write = b_t[..., None, None] * gram[:, :, t, :, None] * vh[:, :, t, None, :]  # (k_t.k_u) beta v_t
-        new_sq = torch.where(opened, token_sq, state_sq + token_sq + 2 * cross)
-        new_xk = torch.where(opened[..., None, None], write, w + write)
-        on = torch.from_numpy(active[:, t]).to(k.device)[:, None]
-        x_sq = torch.where(on, new_sq, x_sq)
-        xk = torch.where(on[..., None, None], new_xk, xk)
+        opened = torch.from_numpy(plan.opened).to(X.device)[..., None, None]
+        X_new = torch.where(opened, token, S_new + token)
+        X = torch.where(active[:, t, None, None, None], X_new, X)
         moved = np.take_along_axis(plan.dest, np.maximum(slot_of, 0), axis=-1)
         slot_of = np.where(slot_of >= 0, moved, -1)
-        slot_of[active[:, t], :, L + t] = 0
+        slot_of[on[:, t], :, L + t % C] = 0
         sigma[:, :, t] = slot_of
-    return torch.from_numpy(sigma), (n, ibar, pos)
+    book = (torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
+    return torch.from_numpy(sigma).to(k.device), book
 
 
 def _math(q, k, v, g, lam, beta, S, sigma, scale):
