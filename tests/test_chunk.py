@@ -36,9 +36,10 @@ def prefix_state(config, x, t):
     return dla_shared.dla_attention(*(head[n] for n in NAMES), config=config, output_final_state=True)[1], tail
 
 
-def compare(config, x, dtype=torch.float64, state=None, **kw):
+def compare(config, x, dtype=torch.float64, state=None, impl="chunk", **kw):
+    """``impl`` vs the reference: outputs, final states and every gradient."""
     o, final, grads = run("reference", config, x, dtype, state, **kw)
-    o2, final2, grads2 = run("chunk", config, x, dtype, state, **kw)
+    o2, final2, grads2 = run(impl, config, x, dtype, state, **kw)
     if dtype == torch.float64:
         tol = {"o": 1e-10, "grad": 1e-9}
     else:

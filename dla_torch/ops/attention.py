@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dla_shared import DLAConfig, DLAState
@@ -10,7 +12,17 @@ from dla_shared.state import check_inputs
 from .chunk import dla_chunk
 from .reference import dla_reference
 
-IMPLS = {"reference": dla_reference, "chunk": dla_chunk}
+
+def dla_triton(q, *args, **kw):
+    """The chunk path with its decision scan as a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+    from .triton import scan  # triton is imported only here: it is absent on macOS
+
+    return dla_chunk(q, *args, decide=scan.scan, **kw)
+
+
+IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "triton": dla_triton}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -27,7 +39,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
-        impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch) or "auto" (chunk).
+        impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path
+            with a Triton decision scan) or "auto" (triton on CUDA, chunk elsewhere).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -36,7 +49,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=torch.is_floating_point)
     if impl == "auto":
-        impl = "chunk"
+        impl = "triton" if q.is_cuda else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype

@@ -1,0 +1,147 @@
+"""The decision scan as one Triton kernel: the mirror of `dla_torch.ops.chunk.scan`, line for line.
+
+One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
+cache's bookkeeping (n, ibar, pos) in registers, and writes ``sigma`` (see `chunk.scan`). The policies of
+`dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
+tracked slot through one-hot comparisons instead of scatters.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dla_shared.config import DLAConfig
+from dla_shared.state import DLAState
+
+POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}
+
+
+@triton.jit
+def _move(x, dest, slots, BL: tl.constexpr):
+    """out[i] = sum of x[j] over the slots j with dest[j] == i (x, dest: [BL])."""
+    hit = dest[None, :] == slots[:, None]
+    return tl.sum(tl.where(hit, x[None, :], 0), axis=1)
+
+
+@triton.jit
+def scan_kernel(k, v, g, beta, active, X0, n0, ibar0, pos0, sigma, n_out, ibar_out, pos_out,
+                T, H, threshold, eps,
+                L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr,
+                POLICY: tl.constexpr, STATE_DRIFT: tl.constexpr, OLDEST: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, DELTA: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rk, rv, rl, rs = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BL), tl.arange(0, BS)
+    mk, mv, ml = rk < DK, rv < DV, rl < L
+    m2 = mk[:, None] & mv[None, :]
+    X = tl.load(X0 + i_bh * DK * DV + rk[:, None] * DV + rv[None, :], mask=m2, other=0)
+    n = tl.load(n0 + i_bh * L + rl, mask=ml, other=0)
+    ibar = tl.load(ibar0 + i_bh * L + rl, mask=ml, other=0)
+    pos = tl.load(pos0 + i_b)
+    size = DK * DV
+    slot_of = tl.where(rs < L, rs, -1)
+    for t in range(0, T):
+        j_chunk = t % C
+        slot_of = tl.where(j_chunk == 0, tl.where(rs < L, rs, -1), slot_of)
+        row = (i_b * T + t) * H + i_h
+        on = tl.load(active + i_b * T + t) != 0
+        kt = tl.load(k + row * DK + rk, mask=mk, other=0)
+        vt = tl.load(v + row * DV + rv, mask=mv, other=0)
+        decay = tl.exp(tl.load(g + row))
+        token = kt[:, None] * vt[None, :]
+        if DELTA:
+            bt = tl.load(beta + row)
+            kX = tl.sum(kt[:, None] * X, axis=0)
+            S_new = decay * (X - bt * kt[:, None] * kX[None, :])
+            token = bt * token
+        else:
+            S_new = decay * X
+        # The three scalars of the score (dla_shared.policy.score_from_terms).
+        state_sq = tl.sum(tl.sum(S_new * S_new, axis=1), axis=0)
+        token_sq = tl.sum(tl.sum(token * token, axis=1), axis=0)
+        cross = tl.sum(tl.sum(S_new * token, axis=1), axis=0)
+        r_state = 1.0 / tl.sqrt(state_sq / size + eps)
+        if STATE_DRIFT:
+            other_sq = state_sq + token_sq + 2 * cross
+            other_cross = state_sq + cross
+        else:
+            other_sq = token_sq
+            other_cross = cross
+        r_other = 1.0 / tl.sqrt(other_sq / size + eps)
+        dist_sq = r_other * r_other * other_sq + r_state * r_state * state_sq - 2 * r_other * r_state * other_cross
+        score = tl.sqrt(tl.maximum(dist_sq, 0.0)) / (r_state * tl.sqrt(state_sq) + eps)
+        # The policy (dla_shared.policy.step): dest[j] is the new slot of old slot j.
+        empty = tl.sum(n, axis=0) == 0
+        score = tl.where(empty, 0.0, score)
+        m = tl.sum((n > 0).to(tl.int32), axis=0)
+        dest = rl
+        if POLICY == 0:
+            opened = empty
+        elif POLICY == 1:  # fenwick: levels 0..j fold into j + 1, j = trailing ones of pos - 1
+            below = (tl.full([BL], 1, tl.int64) << tl.minimum(rl + 1, 62).to(tl.int64)) - 1
+            j = tl.sum(((pos.to(tl.int64) & below) == 0).to(tl.int32), axis=0)
+            dest = tl.where(empty, rl, tl.where(rl <= j, j + 1, rl))
+            opened = pos >= 0
+        else:
+            if POLICY == 2:
+                opens = (pos % BLOCK_SIZE) == 0
+            else:
+                opens = score >= threshold
+            opened = empty | opens
+            # Full: merge the pair (p, p + 1) first, then everything moves one slot older.
+            nxt_n = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, n[None, :], 0), axis=1)
+            nxt_i = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, ibar[None, :], 0), axis=1)
+            valid = rl < m - 1
+            if OLDEST:
+                p = m - 2
+            else:
+                density = tl.where(valid, (ibar + nxt_i) / tl.maximum(n + nxt_n, 1).to(ibar.dtype), float("inf"))
+                least = tl.min(density, axis=0)
+                p = tl.max(tl.where(valid & (density == least), rl, -1), axis=0)  # ties: the oldest pair
+            merged = tl.where((m == L) & (rl > p), rl - 1, rl)
+            dest = tl.where(opens & ~empty, tl.minimum(merged + 1, L - 1), rl)
+        dest = tl.where(on, dest, rl)
+        n = _move(n, dest, rl, BL)
+        ibar = _move(ibar, dest, rl, BL)
+        n = tl.where(on & (rl == 0), n + 1, n)
+        ibar = tl.where(on & (rl == 0), ibar + score, ibar)
+        moved = tl.sum(tl.where(slot_of[:, None] == rl[None, :], dest[None, :], 0), axis=1)
+        slot_of = tl.where(slot_of >= 0, moved, -1)
+        slot_of = tl.where(on & (rs == L + j_chunk), 0, slot_of)
+        X = tl.where(on, tl.where(opened, token, S_new + token), X)
+        pos = tl.where(on, pos + 1, pos)
+        tl.store(sigma + (i_bh * T + t) * (L + C) + rs, slot_of.to(tl.int16), mask=rs < L + C)
+    tl.store(n_out + i_bh * L + rl, n, mask=ml)
+    tl.store(ibar_out + i_bh * L + rl, ibar, mask=ml)
+    tl.store(pos_out + i_b, pos, mask=i_h == 0)
+
+
+def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
+    """Same contract as `dla_torch.ops.chunk.scan`, on the kernel."""
+    B, T, H, Dk = k.shape
+    Dv, L = v.shape[-1], state.n.shape[-1]
+    device = k.device
+    last = int((state.pos.to(device) + active.sum(1)).max()) if B else 0
+    if config.policy == "fenwick" and last > 2 ** (L - 1):
+        # The kernel cannot raise; the check and message of dla_shared.policy.step.
+        raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
+                         f"position {last - 1} needs a larger DLAConfig.capacity")
+    dtype = state.S.dtype
+    sigma = torch.empty(B, H, T, L + chunk_size, dtype=torch.int16, device=device)
+    n = torch.empty(B, H, L, dtype=torch.int32, device=device)
+    ibar = torch.empty(B, H, L, dtype=dtype, device=device)
+    pos = torch.empty(B, dtype=torch.int32, device=device)
+    c = lambda x: x.contiguous()
+    scan_kernel[(B * H,)](
+        c(k), c(v), c(g), c(g if beta is None else beta), c(active.to(torch.int8)), c(state.S[:, :, 0]),
+        c(state.n.to(device, torch.int32)), c(state.ibar.to(device, dtype)), c(state.pos.to(device, torch.int32)),
+        sigma, n, ibar, pos, T, H, float(config.threshold), float(config.eps),
+        L=L, C=chunk_size, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=triton.next_power_of_2(Dv),
+        BL=triton.next_power_of_2(L), BS=triton.next_power_of_2(L + chunk_size),
+        POLICY=POLICY_IDS[config.policy], STATE_DRIFT=config.score == "state_drift",
+        OLDEST=config.merge == "oldest", BLOCK_SIZE=config.block_size, DELTA=beta is not None,
+    )
+    return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long())

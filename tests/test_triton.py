@@ -1,0 +1,98 @@
+"""impl="triton": the Triton decision scan vs the PyTorch scan, and the whole op vs the reference.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so sizes stay small.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dla_torch
+from dla_torch.ops import chunk
+from dla_torch.ops.attention import empty_state
+from dla_torch.ops.triton import scan as triton_scan
+from helpers import NAMES, POLICIES, config_for, make_inputs, to_torch
+from test_chunk import compare, prefix_state
+
+TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Fresh buffers hold NaN (floats) or a sentinel (integers), so an element the kernel skips shows."""
+    empty = torch.empty
+
+    def poisoned(*shape, dtype=None, **kw):
+        out = empty(*shape, dtype=dtype, **kw)
+        return out.fill_(float("nan") if out.is_floating_point() else -12345)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def run_scans(config, x, active, state, chunk_size):
+    args = (config, x["k"], x["v"], x["g"], x["beta"], active, state, chunk_size)
+    return chunk.scan(*args), triton_scan.scan(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_scan_kernel_equals_torch_scan(policy, delta, dtype, poisoned_outputs):
+    config = config_for(policy)
+    T = 45
+    x = make_inputs(config, 2, T + 20, 1, 5, 3, delta=delta, seed=1)
+    state, tail = prefix_state(config, x, 20)  # continue from a cache that already holds states
+    tx = to_torch(tail, dtype)
+    active = torch.ones(2, T, dtype=torch.bool)
+    active[0, 10:14] = False
+    active[1, :3] = False
+    (sigma, book), (sigma2, book2) = run_scans(config, tx, active, to_torch(state, dtype), 16)
+    assert sigma2.dtype == torch.int16 and (sigma2 >= -1).all()
+    torch.testing.assert_close(sigma2, sigma, rtol=0, atol=0)
+    for a, b in zip(book, book2):
+        torch.testing.assert_close(b.to(a.dtype), a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 63, 65], ids=lambda T: f"T{T}")
+def test_scan_kernel_short_and_partial_chunks(T):
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 1, T, 2, 3, 4, delta=True, seed=T))
+    state = empty_state(1, 2, config.num_slots, 3, 4, torch.float64)
+    (sigma, book), (sigma2, book2) = run_scans(config, x, torch.ones(1, T, dtype=torch.bool), state, 64)
+    torch.testing.assert_close(sigma2, sigma, rtol=0, atol=0)
+    torch.testing.assert_close(book2[0], book[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("policy", ["fenwick", "dla"])
+def test_triton_equals_reference(policy, delta):
+    config = config_for(policy)
+    x = make_inputs(config, 1, 70, 2, 4, 3, delta=delta, seed=6)
+    compare(config, x, impl="triton")
+
+
+def test_triton_continues_from_a_state_with_padding():
+    config = config_for("fixed")
+    x = make_inputs(config, 2, 90, 1, 3, 5, delta=True, seed=8)
+    state, tail = prefix_state(config, x, 25)
+    mask = np.ones((2, 65), bool)
+    mask[0, 40:] = False
+    compare(config, tail, state=state, impl="triton", mask=torch.tensor(mask))
+
+
+def test_triton_fenwick_too_long_names_capacity():
+    config = dla_torch.DLAConfig(policy="fenwick", capacity=3)
+    x = to_torch(make_inputs(config, 1, 5, 1, 2, 2, seed=0))
+    with pytest.raises(ValueError, match="capacity=3 levels holds at most 4 tokens"):
+        dla_torch.dla_attention(*(x[n] for n in NAMES), config=config, impl="triton")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 1, 4, 1, 2, 2, seed=0))
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        dla_torch.dla_attention(*(x[n] for n in NAMES), config=config, impl="triton")
+    assert "TRITON_INTERPRET" not in os.environ
