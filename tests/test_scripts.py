@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end at tiny sizes (their numbers come from real runs, not tests)."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ops_writes_json_plot_and_table(tmp_path, capsys):
+    bench = load("bench_ops")
+    out = tmp_path / "ops"
+    assert bench.main(["--lengths", "32", "70", "--reference-max-length", "32", "--heads", "1", "--dim", "8",
+                       "--capacity", "4", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {(r["T"], r["impl"]) for r in rows} == {(32, "reference"), (32, "chunk"), (70, "chunk")}
+    assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in rows)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 70 | - |" in capsys.readouterr().out
+
+
+def test_gpu_check_comparisons_run_on_cpu():
+    """The correctness half of gpu_check.py, on the CPU through Triton's interpreter."""
+    gpu_check = load("gpu_check")
+    rows = gpu_check.check(argparse.Namespace(length=40, check_length=20, heads=1, dim=4), "cpu")
+    assert len(rows) == 10 and all(r["ok"] for r in rows)
+    assert {"dq", "dk", "dv", "dg", "dlam", "dbeta"} <= set(rows[-1]["errors"])
