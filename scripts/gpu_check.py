@@ -45,7 +45,7 @@ def run(impl, config, x):
 
 
 def rel(ref, x):
-    ref, x = ref.double(), x.double()
+    ref, x = ref.detach().double(), x.detach().double()
     return float((ref - x).pow(2).mean().sqrt() / (ref.pow(2).mean().sqrt() + 1e-12))
 
 
