@@ -1,0 +1,142 @@
+"""DLA Gated DeltaNet: fla's GatedDeltaNet causal LM whose single state becomes DLA's state cache.
+
+Tensor names are fla's (``model.layers.{i}.attn.q_proj.weight`` ...); DLA adds the read-weight projection
+``attn.l_proj`` [H * K, hidden] and the per-head, per-slot scale ``attn.L`` [H, K] (Log-Linear's layout).
+In DLA's op: q, k are L2-normalized after their short convolutions, scale = head_k_dim^-0.5,
+g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), lam = softplus(L * l) (/ ln 2, `read_weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dla_torch.ops import dla_attention
+
+from .config import BaseConfig
+from .layers import CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
+
+
+@dataclasses.dataclass
+class DLAGatedDeltaNetConfig(BaseConfig):
+    head_dim: int = 64
+    expand_v: float = 2.0
+    conv_size: int = 4
+    intermediate_size: int | None = None  # the MLP's; None: 4 * hidden * 2 / 3, rounded up to 256
+    model_type: str = "dla_gated_deltanet"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.intermediate_size is None:
+            self.intermediate_size = 256 * math.ceil(int(self.hidden_size * 4 * 2 / 3) / 256)
+        if int(self.head_dim * self.expand_v) != self.head_dim * self.expand_v:
+            raise ValueError(f"DLAGatedDeltaNetConfig: head_dim * expand_v must be an integer, got "
+                             f"{self.head_dim} * {self.expand_v}")
+
+    @property
+    def head_v_dim(self) -> int:
+        return int(self.head_dim * self.expand_v)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: DLAGatedDeltaNetConfig):
+        super().__init__()
+        self.config = c = config
+        H, K = c.num_heads, c.dla.num_slots
+        key_dim, value_dim = H * c.head_dim, H * c.head_v_dim
+        self.q_proj = nn.Linear(c.hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, value_dim, bias=False)
+        self.a_proj = nn.Linear(c.hidden_size, H, bias=False)
+        self.b_proj = nn.Linear(c.hidden_size, H, bias=False)
+        self.l_proj = nn.Linear(c.hidden_size, H * K, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+        self.L = nn.Parameter(torch.ones(H, K))
+        self.q_conv1d = nn.Conv1d(key_dim, key_dim, c.conv_size, groups=key_dim, bias=False)
+        self.k_conv1d = nn.Conv1d(key_dim, key_dim, c.conv_size, groups=key_dim, bias=False)
+        self.v_conv1d = nn.Conv1d(value_dim, value_dim, c.conv_size, groups=value_dim, bias=False)
+        self.g_proj = nn.Linear(c.hidden_size, value_dim, bias=False)
+        self.o_norm = RMSNorm(c.head_v_dim, c.layer_norm_epsilon)
+        self.o_proj = nn.Linear(value_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, mask=None, cache: LayerCache | None = None, seq_ids=None, cu_seqlens=None):
+        c = self.config
+        H, K = c.num_heads, c.dla.num_slots
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        past = (None, None, None) if cache is None or cache.conv is None else cache.conv
+        convs = [causal_conv(proj(x), conv.weight, None, state, seq_ids) for proj, conv, state in
+                 zip((self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d), past)]
+        q, k, v = (F.silu(y) for y, _ in convs)
+        q, k = (_l2norm(t.unflatten(-1, (H, c.head_dim))) for t in (q, k))
+        v = v.unflatten(-1, (H, c.head_v_dim))
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.b_proj(x).float())
+        lam = read_weights(self.l_proj(x).unflatten(-1, (H, K)), self.L, c.read_weight_norm)
+        o, state = dla_attention(q, k, v, g, lam, beta, config=c.dla, scale=c.head_dim**-0.5, mask=mask,
+                                 initial_state=None if cache is None else cache.state,
+                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.conv, cache.state = tuple(s for _, s in convs), state
+        gate = self.g_proj(x).unflatten(-1, (H, c.head_v_dim))
+        return self.o_proj(self.o_norm(o.to(x.dtype), gate).flatten(-2))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DLAGatedDeltaNetConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DLAGatedDeltaNetConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = GatedDeltaNet(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, **kw):
+        x = x + self.attn(self.attn_norm(x), **kw)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, config: DLAGatedDeltaNetConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def final_norm(self, h):
+        return self.norm(h)
+
+
+class DLAGatedDeltaNetForCausalLM(CausalLM):
+    config_class = DLAGatedDeltaNetConfig
+
+    def __init__(self, config: DLAGatedDeltaNetConfig):
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def body(self):
+        return self.model
+
+
+def _l2norm(x, eps=1e-6):
+    return x * torch.rsqrt((x.float() * x.float()).sum(-1, keepdim=True) + eps).to(x.dtype)

@@ -1,0 +1,99 @@
+"""Checkpoints in the Hugging Face layout: ``config.json`` plus ``model*.safetensors`` (never pickle),
+from a local folder or a Hub id (through huggingface_hub)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def model_types() -> dict:
+    from .dla_gated_deltanet import DLAGatedDeltaNetForCausalLM
+    from .dla_mamba2 import DLAMamba2ForCausalLM
+
+    return {"dla_mamba2": DLAMamba2ForCausalLM, "dla_gated_deltanet": DLAGatedDeltaNetForCausalLM}
+
+
+def resolve(path_or_id) -> Path:
+    """A local folder as it is; anything else is a Hub repository id, downloaded (config, weights, tokenizer)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path_or_id!r} is a file; expected a checkpoint folder or a Hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+
+
+def read_config(folder: Path) -> dict:
+    file = Path(folder, "config.json")
+    if not file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return json.loads(file.read_text())
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(folder).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {folder}")
+    weights = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                weights[name] = f.get_tensor(name)
+    return weights
+
+
+def check_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Raise one clear error listing every missing, unexpected and mis-shaped tensor."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    problems = [f"missing: {name} {list(shape)}" for name, shape in expected.items() if name not in weights]
+    problems += [f"unexpected: {name} {list(t.shape)}" for name, t in weights.items() if name not in expected]
+    problems += [f"shape of {name}: checkpoint {list(t.shape)}, model {list(expected[name])}"
+                 for name, t in weights.items() if name in expected and t.shape != expected[name]]
+    if problems:
+        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def from_pretrained(path_or_id, dtype=None):
+    """Load a DLA causal LM saved by `save_pretrained` (or converted): returns the model in eval mode."""
+    folder = resolve(path_or_id)
+    config = read_config(folder)
+    types = model_types()
+    model_type = config.get("model_type")
+    if model_type not in types:
+        raise ValueError(f"unknown model_type {model_type!r} in {folder}/config.json; expected one of {sorted(types)}")
+    cls = types[model_type]
+    model = cls(cls.config_class.from_dict(config))
+    weights = load_weights(folder)
+    check_weights(model, weights)
+    model.load_state_dict(weights, strict=False)  # only lm_head.weight may be absent, tied to the embeddings
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def save_pretrained(model, folder, tokenizer_dir=None) -> Path:
+    """Write config.json and model.safetensors (and copy tokenizer files from ``tokenizer_dir``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if Path(tokenizer_dir, name).exists():
+                shutil.copy(Path(tokenizer_dir, name), folder / name)
+    return folder
