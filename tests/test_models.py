@@ -1,0 +1,157 @@
+"""The PyTorch DLA causal LMs: packing, caching, checkpoints, upcycling from transformers' Mamba-2."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Mamba2Config, Mamba2ForCausalLM
+
+from dla_shared import DLAConfig
+from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
+                              DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
+from dla_torch.models.upcycle import main as upcycle_cli
+from dla_torch.models.upcycle import upcycle_mamba2
+
+POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=8),
+                  "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5), "dla": DLAConfig(policy="dla", capacity=4)}
+
+
+def tiny(kind, policy="dla", **kw):
+    torch.manual_seed(0)
+    dla = POLICY_CONFIGS[policy]
+    if kind == "mamba2":
+        config = DLAMamba2Config(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                 state_size=8, n_groups=2, dla=dla, **kw)
+        return DLAMamba2ForCausalLM(config).eval()
+    config = DLAGatedDeltaNetConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8,
+                                    dla=dla, **kw)
+    return DLAGatedDeltaNetForCausalLM(config).eval()
+
+
+MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn") for policy in ("fixed", "dla")]
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind, policy", MODELS)
+def test_packed_batch_equals_padded_batch(kind, policy):
+    model = tiny(kind, policy)
+    lengths = [9, 23, 14]
+    docs = [torch.randint(0, 61, (n,)) for n in lengths]
+    cu = torch.tensor([0, 9, 32, 46])
+    packed = model(torch.cat(docs)[None], cu_seqlens=cu)
+    T = max(lengths)
+    padded = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, d in enumerate(docs):  # left padding, as in batched generation
+        padded[i, T - len(d):], mask[i, T - len(d):] = d, True
+    batch = model(padded, mask=mask)
+    for i, d in enumerate(docs):
+        close(packed[0, cu[i]:cu[i + 1]], batch[i, T - len(d):])
+        close(packed[0, cu[i]:cu[i + 1]], model(d[None])[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind, policy", MODELS)
+def test_prefill_in_slices_then_decode_equals_one_forward(kind, policy):
+    model = tiny(kind, policy)
+    ids = torch.randint(0, 61, (2, 150))
+    full = model(ids)
+    cache = model.make_cache()
+    parts = [model(ids[:, :64], cache=cache), model(ids[:, 64:137], cache=cache)]
+    parts += [model(ids[:, t : t + 1], cache=cache) for t in range(137, 150)]
+    close(torch.cat(parts, dim=1), full)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_save_then_load_gives_identical_logits(kind, tied, tmp_path):
+    model = tiny(kind, tie_word_embeddings=tied)
+    ids = torch.randint(0, 61, (1, 40))
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type and config["dla"]["policy"] == "dla"
+    loaded = from_pretrained(tmp_path)
+    assert torch.equal(loaded(ids), model(ids))
+    assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) is not tied
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", r"missing: backbone\.layers\.1\.mixer\.L \[4, 4\]"),
+    ("extra", r"unexpected: backbone\.layers\.0\.mixer\.extra \[3\]"),
+    ("shape", r"shape of backbone\.norm_f\.weight: checkpoint \[5\], model \[32\]"),
+])
+def test_bad_checkpoint_is_a_clear_error(change, message, tmp_path):
+    save_pretrained(tiny("mamba2"), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    if change == "missing":
+        weights.pop("backbone.layers.1.mixer.L")
+    elif change == "extra":
+        weights["backbone.layers.0.mixer.extra"] = torch.zeros(3)
+    else:
+        weights["backbone.norm_f.weight"] = torch.zeros(5)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)
+
+
+def test_unknown_model_type_and_missing_files(tmp_path):
+    save_pretrained(tiny("gdn"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"unknown model_type 'llama'.*dla_gated_deltanet"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_sizes": 3}))
+    with pytest.raises(ValueError, match=r"unknown DLAGatedDeltaNetConfig field\(s\) \['hidden_sizes'\]"):
+        from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="no model"):
+        from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hf_mamba2(tmp_path_factory):
+    """A random tiny transformers Mamba-2 (norms and D perturbed so every parameter matters), saved."""
+    torch.manual_seed(0)
+    config = Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8,
+                          num_heads=8, n_groups=2, conv_kernel=4, chunk_size=16)
+    model = Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".D"):
+                p.add_(0.3 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("mamba2")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", list(POLICY_CONFIGS))
+def test_upcycled_mamba2_equals_transformers(policy, hf_mamba2):
+    hf, folder = hf_mamba2
+    ids = torch.randint(0, 64, (2, 45))
+    model = upcycle_mamba2(folder, POLICY_CONFIGS[policy])
+    close(model(ids), hf(ids).logits)
+
+
+def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
+    hf, folder = hf_mamba2
+    assert upcycle_cli([str(folder), str(tmp_path / "dla"), "--policy", "fenwick", "--capacity", "10"]) == 0
+    assert "dla_mamba2" in capsys.readouterr().out
+    model = from_pretrained(tmp_path / "dla")
+    assert model.config.dla.policy == "fenwick"
+    ids = torch.randint(0, 64, (1, 30))
+    with torch.no_grad():
+        close(model(ids), hf(ids).logits)
+
+
+def test_upcycle_rejects_other_model_types(tmp_path):
+    save_pretrained(tiny("gdn"), tmp_path)
+    with pytest.raises(ValueError, match="expected a Mamba-2 checkpoint"):
+        upcycle_mamba2(tmp_path, DLAConfig())
