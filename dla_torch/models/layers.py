@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dla_shared import DLAState
 
@@ -79,6 +80,7 @@ class CausalLM(nn.Module):
 
     body: nn.Module
     lm_head: nn.Linear
+    activation_checkpointing = False  # in training, recompute each layer in the backward pass
 
     @property
     def layers(self):
@@ -97,6 +99,8 @@ class CausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             seq_ids = (torch.searchsorted(cu_seqlens.to(input_ids.device), positions, right=True) - 1)[None]
         h = self.body.embeddings(input_ids)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask=mask, cache=None if cache is None else cache[i], seq_ids=seq_ids, cu_seqlens=cu_seqlens)
+            kw = {"mask": mask, "cache": None if cache is None else cache[i], "seq_ids": seq_ids, "cu_seqlens": cu_seqlens}
+            h = checkpoint(layer, h, use_reentrant=False, **kw) if recompute else layer(h, **kw)
         return self.lm_head(self.body.final_norm(h).to(self.lm_head.weight.dtype)).float()

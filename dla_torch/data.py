@@ -1,0 +1,77 @@
+"""Training data: documents from local text, JSONL or parquet files (through `datasets`), tokenized with a
+tokenizer from a local folder, concatenated with an end-of-document token, and cut into fixed-length rows.
+
+A row is one packed sequence of ``row_len`` tokens; ``cu_seqlens`` marks where its documents start, so
+no state and no convolution crosses a document boundary, and no token is trained to predict the next
+document. Rows are addressed by index, so the data position is a number that a checkpoint can keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_tokenizer(folder):
+    """A `tokenizers.Tokenizer` from ``folder/tokenizer.json``."""
+    from tokenizers import Tokenizer
+
+    file = Path(folder, "tokenizer.json")
+    if not file.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}")
+    return Tokenizer.from_file(str(file))
+
+
+def read_documents(files, text_field="text") -> list[str]:
+    """Every document of ``files`` (one kind of file per call): a text file's lines, a JSONL / parquet
+    file's ``text_field``."""
+    import datasets
+
+    files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+    if not files:
+        raise ValueError("no data files given")
+    kinds = {FORMATS.get(Path(f).suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"data files must all be one of {sorted(FORMATS)}, got {files}")
+    kind = kinds.pop()
+    for f in files:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"data file {f} does not exist")
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    data = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+    field = "text" if kind == "text" else text_field
+    if field not in data.column_names:
+        raise ValueError(f"{files}: no {field!r} column (columns: {data.column_names}); set data.text_field")
+    return [t for t in data[field] if t]
+
+
+class PackedTokens:
+    """A token stream of documents, each followed by ``eos_id``, cut into rows of ``row_len`` tokens."""
+
+    def __init__(self, documents, tokenizer, eos_id: int, row_len: int):
+        ids = [np.asarray(e.ids + [eos_id], np.int64) for e in tokenizer.encode_batch(documents)]
+        self.tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(x) for x in ids[:-1]])  # document starts in the stream
+        self.row_len = row_len
+        if len(self) == 0:
+            raise ValueError(f"{len(self.tokens)} tokens make no row of {row_len}; add data or lower seq_len")
+
+    def __len__(self):
+        return len(self.tokens) // self.row_len
+
+    def row(self, index: int):
+        """Row ``index`` (wrapping around): (input ids [1, R], labels [1, R] with -100 where the next token
+        belongs to another document or the row ends, cu_seqlens [N + 1])."""
+        start = (index % len(self)) * self.row_len
+        end = start + self.row_len
+        ids = torch.from_numpy(self.tokens[start:end])
+        inner = self.starts[(self.starts > start) & (self.starts < end)] - start
+        cu = torch.tensor([0, *inner.tolist(), self.row_len])
+        labels = torch.full_like(ids, -100)
+        labels[:-1] = ids[1:]
+        labels[cu[1:-1] - 1] = -100  # a document's last token does not predict the next document
+        return ids[None], labels[None], cu

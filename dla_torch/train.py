@@ -1,0 +1,330 @@
+"""Pretrain a DLA causal LM: one process, or many under torchrun (DDP or FSDP2; NCCL on GPUs, gloo on CPU).
+
+    dla-train --config configs/tiny.json                      # one process (GPU if present, else CPU)
+    torchrun --nproc-per-node 8 -m dla_torch.train --config run.json --set train.parallel=fsdp
+
+The config file (JSON) names the model, its DLA policy, the data and the schedule (`DEFAULTS` lists every
+field); ``--set a.b=value`` overrides one field (value parsed as JSON, else taken as a string). The run
+writes to ``out``: ``metrics.jsonl`` (one line per logged step and per validation), resumable checkpoints
+``checkpoints/step_N`` (model, optimizer, scheduler and data position, through torch.distributed.checkpoint),
+and at the end ``model/`` in the Hugging Face layout (`dla_torch.models.from_pretrained` loads it). A run
+restarted with the same ``out`` resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import PackedTokens, load_tokenizer, read_documents
+from .models.hub import model_types, save_pretrained
+
+DEFAULTS = {
+    "out": "runs/dla",
+    "model": {"type": "dla_gated_deltanet", "hidden_size": 256, "num_hidden_layers": 4, "num_heads": 4,
+              "head_dim": 64, "dla": {"policy": "dla", "capacity": 30}},
+    "data": {"tokenizer": None, "train": [], "valid": [], "valid_fraction": 0.0, "text_field": "text",
+             "eos_token": "<|endoftext|>"},
+    "train": {"seq_len": 512, "micro_batch": 4, "grad_accum": 1, "steps": 1000, "lr": 1e-3, "min_lr_ratio": 0.1,
+              "warmup": 100, "schedule": "cosine", "decay_fraction": 0.2, "weight_decay": 0.1,
+              "betas": [0.9, 0.95], "clip": 1.0, "log_every": 10, "eval_every": 200, "eval_rows": 16,
+              "save_every": 500, "seed": 0, "parallel": "ddp", "dtype": "bf16", "activation_checkpointing": False,
+              "compile": False, "resume": True},
+}
+# Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
+NO_DECAY = ("A_log", "dt_bias", "D", "L")
+
+
+def load_config(path=None, overrides=()) -> dict:
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        _merge(config, json.loads(Path(path).read_text()), "")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {name} is not a section")
+        node[leaf] = value
+    _check(config)
+    return config
+
+
+def _merge(base: dict, new: dict, where: str):
+    for key, value in new.items():
+        if key not in base and where != ".model" and not where.startswith(".model."):
+            raise ValueError(f"unknown config field {where[1:] + '.' if where else ''}{key}; expected one of {sorted(base)}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+def _check(config):
+    t = config["train"]
+    unknown = sorted(set(t) - set(DEFAULTS["train"]))
+    if unknown:
+        raise ValueError(f"unknown train field(s) {unknown}")
+    if t["schedule"] not in ("cosine", "wsd"):
+        raise ValueError(f"train.schedule must be 'cosine' or 'wsd', got {t['schedule']!r}")
+    if t["parallel"] not in ("ddp", "fsdp"):
+        raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {t['parallel']!r}")
+    if t["dtype"] not in ("bf16", "fp32"):
+        raise ValueError(f"train.dtype must be 'bf16' or 'fp32', got {t['dtype']!r}")
+    for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        if not isinstance(t[name], int) or t[name] < 1:
+            raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
+    if config["model"].get("type") not in model_types():
+        raise ValueError(f"model.type must be one of {sorted(model_types())}, got {config['model'].get('type')!r}")
+    if not config["data"]["tokenizer"] or not config["data"]["train"]:
+        raise ValueError("data.tokenizer (a folder with tokenizer.json) and data.train (files) are required")
+
+
+def lr_factor(step: int, t: dict) -> float:
+    """Linear warmup, then cosine to ``min_lr_ratio`` or WSD (constant, then linear decay over the last
+    ``decay_fraction`` of the steps)."""
+    if step < t["warmup"]:
+        return (step + 1) / t["warmup"]
+    low = t["min_lr_ratio"]
+    if t["schedule"] == "cosine":
+        progress = (step - t["warmup"]) / max(1, t["steps"] - t["warmup"])
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = t["steps"] * (1 - t["decay_fraction"])
+    if step < decay_start:
+        return 1.0
+    return 1 - (1 - low) * min(1.0, (step - decay_start) / max(1, t["steps"] - decay_start))
+
+
+class Trainer:
+    def __init__(self, config: dict):
+        self.config = config
+        t = self.t = config["train"]
+        self.rank, self.world = _init_distributed()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(t["seed"])
+        self.out = Path(config["out"])
+        d = config["data"]
+        tokenizer = load_tokenizer(d["tokenizer"])
+        eos = tokenizer.token_to_id(d["eos_token"])
+        if eos is None:
+            raise ValueError(f"data.eos_token {d['eos_token']!r} is not in the tokenizer's vocabulary")
+        documents = read_documents(d["train"], d["text_field"])
+        valid_docs = read_documents(d["valid"], d["text_field"]) if d["valid"] else []
+        if not valid_docs and d["valid_fraction"] > 0:  # the last documents, a fixed split
+            cut = len(documents) - max(1, int(len(documents) * d["valid_fraction"]))
+            documents, valid_docs = documents[:cut], documents[cut:]
+        self.train_rows = PackedTokens(documents, tokenizer, eos, t["seq_len"] * t["micro_batch"])
+        self.valid_rows = PackedTokens(valid_docs, tokenizer, eos, t["seq_len"] * t["micro_batch"]) if valid_docs else None
+
+        fields = {k: v for k, v in config["model"].items() if k != "type"}
+        fields.setdefault("vocab_size", tokenizer.get_vocab_size())
+        cls = model_types()[config["model"]["type"]]
+        self.model = cls(cls.config_class.from_dict(fields)).to(self.device)
+        self.model.activation_checkpointing = t["activation_checkpointing"]
+        self.module = self.model
+        if self.world > 1 and t["parallel"] == "ddp":
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        elif self.world > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.layers:
+                fully_shard(layer)
+            fully_shard(self.model)
+        if t["compile"]:
+            self.module = torch.compile(self.module)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n.split(".")[-1] not in NO_DECAY]
+        keep = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and n.split(".")[-1] not in NO_DECAY)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                                            {"params": keep, "weight_decay": 0.0}], lr=t["lr"], betas=tuple(t["betas"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))
+        self.step = 0
+        if t["resume"]:
+            self.resume()
+
+    # -- one step -----------------------------------------------------------------------------------
+    def loss(self, index: int, rows: PackedTokens):
+        ids, labels, cu = (x.to(self.device) for x in rows.row(index))
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" and self.t["dtype"] == "bf16" \
+            else nullcontext()
+        with autocast:
+            logits = self.module(ids, cu_seqlens=cu)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+    def train_step(self) -> dict:
+        t = self.t
+        self.module.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(t["grad_accum"]):
+            index = (self.step * t["grad_accum"] + micro) * self.world + self.rank
+            sync = micro == t["grad_accum"] - 1 or not hasattr(self.module, "no_sync")
+            with nullcontext() if sync else self.module.no_sync():
+                loss = self.loss(index, self.train_rows) / t["grad_accum"]
+                loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": _mean(total), "grad_norm": float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.module.eval()
+        n = min(self.t["eval_rows"], len(self.valid_rows))
+        losses = [self.loss(i, self.valid_rows) for i in range(self.rank, n, self.world)]
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total) / n
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save(self):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        folder = self.out / "checkpoints" / f"step_{self.step}"
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+        if self.rank == 0:
+            # The data position is the step: rows are addressed by (step, micro-batch, rank).
+            trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world": self.world,
+                       "config": self.config}
+            (folder / "trainer.json").write_text(json.dumps(trainer, indent=2))
+            (self.out / "checkpoints" / "latest").write_text(folder.name)
+        _barrier(self.world)
+
+    def resume(self):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        latest = self.out / "checkpoints" / "latest"
+        if not latest.exists():
+            return
+        folder = self.out / "checkpoints" / latest.read_text().strip()
+        trainer = json.loads((folder / "trainer.json").read_text())
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.step = trainer["step"]
+        self.log({"event": "resumed", "step": self.step, "from": str(folder)})
+
+    def export(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            model = type(self.model)(self.model.config)
+            model.load_state_dict(state)
+            save_pretrained(model, self.out / "model", tokenizer_dir=self.config["data"]["tokenizer"])
+        _barrier(self.world)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def log(self, record: dict):
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> list[dict]:
+        t = self.t
+        history = []
+        bar = tqdm(total=t["steps"], initial=self.step, disable=self.rank != 0, desc="train", unit="step")
+        tokens_per_step = t["seq_len"] * t["micro_batch"] * t["grad_accum"] * self.world
+        while self.step < t["steps"]:
+            start = time.perf_counter()
+            record = self.train_step()
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+                self.log(record)
+            if self.valid_rows is not None and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
+                valid = {"step": self.step, "valid_loss": self.validate()}
+                self.log(valid)
+                bar.write(f"step {self.step}: validation loss {valid['valid_loss']:.4f}")
+            if self.step % t["save_every"] == 0 or self.step == t["steps"]:
+                self.save()
+        bar.close()
+        self.export()
+        return history
+
+
+def _init_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def _single_process_quiet():
+    """torch.distributed.checkpoint warns that it saves in a single process when no group exists: as meant."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _mean(x: torch.Tensor) -> float:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="dla-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="a JSON file (fields as in dla_torch.train.DEFAULTS)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
+    trainer = Trainer(config)
+    history = trainer.fit()
+    if trainer.rank == 0 and history:
+        print(f"trained {trainer.step} steps; last loss {history[-1]['loss']:.4f}; model in {trainer.out / 'model'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
