@@ -8,7 +8,8 @@ field); ``--set a.b=value`` overrides one field (value parsed as JSON, else take
 writes to ``out``: ``metrics.jsonl`` (one line per logged step and per validation), resumable checkpoints
 ``checkpoints/step_N`` (model, optimizer, scheduler and data position, through torch.distributed.checkpoint),
 and at the end ``model/`` in the Hugging Face layout (`dla_torch.models.from_pretrained` loads it). A run
-restarted with the same ``out`` resumes from its latest checkpoint.
+restarted with the same ``out`` resumes from its latest checkpoint; ``train.stop_at`` ends a run early
+(after a checkpoint) for jobs with a time limit.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ DEFAULTS = {
               "warmup": 100, "schedule": "cosine", "decay_fraction": 0.2, "weight_decay": 0.1,
               "betas": [0.9, 0.95], "clip": 1.0, "log_every": 10, "eval_every": 200, "eval_rows": 16,
               "save_every": 500, "seed": 0, "parallel": "ddp", "dtype": "bf16", "activation_checkpointing": False,
-              "compile": False, "resume": True},
+              "compile": False, "resume": True, "stop_at": None},
 }
 # Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
 NO_DECAY = ("A_log", "dt_bias", "D", "L")
@@ -59,20 +60,18 @@ def load_config(path=None, overrides=()) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {name} is not a section")
-        node[leaf] = value
+        for name in reversed(key.split(".")):
+            value = {name: value}
+        _merge(config, value, "")
     _check(config)
     return config
 
 
 def _merge(base: dict, new: dict, where: str):
+    """Merge ``new`` into ``base``; names must exist in DEFAULTS, except inside ``model`` (the model's
+    config class checks those)."""
     for key, value in new.items():
-        if key not in base and where != ".model" and not where.startswith(".model."):
+        if key not in base and not (where + ".").startswith(".model."):
             raise ValueError(f"unknown config field {where[1:] + '.' if where else ''}{key}; expected one of {sorted(base)}")
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, f"{where}.{key}")
@@ -82,9 +81,6 @@ def _merge(base: dict, new: dict, where: str):
 
 def _check(config):
     t = config["train"]
-    unknown = sorted(set(t) - set(DEFAULTS["train"]))
-    if unknown:
-        raise ValueError(f"unknown train field(s) {unknown}")
     if t["schedule"] not in ("cosine", "wsd"):
         raise ValueError(f"train.schedule must be 'cosine' or 'wsd', got {t['schedule']!r}")
     if t["parallel"] not in ("ddp", "fsdp"):
@@ -94,6 +90,8 @@ def _check(config):
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if not isinstance(t[name], int) or t[name] < 1:
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
+    if t["stop_at"] is not None and not (isinstance(t["stop_at"], int) and 0 < t["stop_at"] < t["steps"]):
+        raise ValueError(f"train.stop_at must be a step between 1 and train.steps - 1, got {t['stop_at']!r}")
     if config["model"].get("type") not in model_types():
         raise ValueError(f"model.type must be one of {sorted(model_types())}, got {config['model'].get('type')!r}")
     if not config["data"]["tokenizer"] or not config["data"]["train"]:
@@ -269,8 +267,11 @@ class Trainer:
                 valid = {"step": self.step, "valid_loss": self.validate()}
                 self.log(valid)
                 bar.write(f"step {self.step}: validation loss {valid['valid_loss']:.4f}")
-            if self.step % t["save_every"] == 0 or self.step == t["steps"]:
+            if self.step % t["save_every"] == 0 or self.step in (t["steps"], t["stop_at"]):
                 self.save()
+            if self.step == t["stop_at"]:  # a job with a time limit: the next run resumes from here
+                bar.close()
+                return history
         bar.close()
         self.export()
         return history

@@ -1,0 +1,134 @@
+"""The training program: a tiny run learns; DDP and FSDP2 equal one process; resume equals no stop."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dla_torch.data import PackedTokens, load_tokenizer
+from dla_torch.models import from_pretrained
+from dla_torch.train import DEFAULTS, Trainer, load_config, lr_factor, main
+
+WORDS = "the cache opens a new state where the text changes and merges the pair of least density".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Random word documents as JSONL (train, valid) and a byte-level BPE tokenizer trained on them."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(300)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:270]))
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[270:]))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (folder / "tok").mkdir()
+    tokenizer.save(str(folder / "tok" / "tokenizer.json"))
+    return folder
+
+
+def settings(corpus, out, **train):
+    """--set overrides of a tiny DLA Mamba-2 run."""
+    base = {"out": str(out), "data.tokenizer": str(corpus / "tok"), "data.train": [str(corpus / "train.jsonl")],
+            "data.valid": [str(corpus / "valid.jsonl")], "model.type": "dla_mamba2", "model.hidden_size": 32,
+            "model.num_hidden_layers": 2, "model.num_heads": 4, "model.head_dim": 16, "model.state_size": 8,
+            "model.dla.capacity": 6, "train.seq_len": 64, "train.micro_batch": 1, "train.steps": 4,
+            "train.warmup": 2, "train.log_every": 1, "train.eval_every": 100, "train.save_every": 100}
+    base.update({f"train.{k}": v for k, v in train.items()})
+    return [f"{key}={json.dumps(value)}" for key, value in base.items()]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def run(args, processes=1):
+    command = [sys.executable, "-m", "dla_torch.train"] + [a for s in args for a in ("--set", s)]
+    if processes > 1:
+        command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "dla_torch.train"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+def test_tiny_run_learns_and_exports_a_loadable_model(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sum((["--set", s] for s in settings(corpus, out, steps=30, lr=3e-3, eval_every=10)), [])) == 0
+    history = losses(out)
+    assert len(history) == 30 and sum(history[-5:]) / 5 < sum(history[:5]) / 5 - 0.5
+    valid = [r["valid_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "valid_loss" in r]
+    assert len(valid) == 3 and valid[-1] < valid[0]
+    model = from_pretrained(out / "model")
+    assert (out / "model" / "tokenizer.json").exists()
+    assert "trained 30 steps" in capsys.readouterr().out
+    ids = torch.randint(0, 300, (1, 20))
+    assert model(ids).shape == (1, 20, model.config.vocab_size)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
+    run(settings(corpus, tmp_path / "one", grad_accum=2))
+    run(settings(corpus, tmp_path / "ddp"), processes=2)
+    run(settings(corpus, tmp_path / "fsdp", parallel="fsdp"), processes=2)
+    one = losses(tmp_path / "one")
+    assert len(one) == 4
+    torch.testing.assert_close(losses(tmp_path / "ddp"), one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "fsdp"), one, rtol=1e-5, atol=1e-6)
+    for name in ("ddp", "fsdp"):
+        a, b = from_pretrained(tmp_path / "one" / "model"), from_pretrained(tmp_path / name / "model")
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resumed_run_continues_like_an_uninterrupted_one(corpus, tmp_path):
+    run(settings(corpus, tmp_path / "whole", steps=6, save_every=3))
+    run(settings(corpus, tmp_path / "parts", steps=6, stop_at=3))  # a job that hits its time limit
+    assert not (tmp_path / "parts" / "model").exists()
+    run(settings(corpus, tmp_path / "parts", steps=6))  # resumes from step 3
+    whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
+    assert len(parts) == 6
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
+    records = (tmp_path / "parts" / "metrics.jsonl").read_text()
+    assert '"event": "resumed", "step": 3' in records
+
+
+def test_packed_rows_mark_documents(corpus):
+    tokenizer = load_tokenizer(corpus / "tok")
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    rows = PackedTokens(["a b", "the cache", "opens a new state"], tokenizer, eos, 6)
+    ids, labels, cu = rows.row(0)
+    starts = cu[1:-1]
+    assert cu[0] == 0 and cu[-1] == 6 and (ids[0, starts - 1] == eos).all()
+    assert (labels[0, starts - 1] == -100).all() and labels[0, -1] == -100
+    inside = [t for t in range(5) if t + 1 not in starts.tolist()]
+    assert (labels[0, inside] == ids[0, [t + 1 for t in inside]]).all()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules(schedule):
+    t = dict(DEFAULTS["train"], schedule=schedule, warmup=10, steps=110, min_lr_ratio=0.1, decay_fraction=0.2)
+    assert lr_factor(0, t) == pytest.approx(0.1) and lr_factor(9, t) == pytest.approx(1.0)
+    assert lr_factor(110, t) == pytest.approx(0.1)
+    if schedule == "wsd":
+        assert lr_factor(87, t) == 1.0 and lr_factor(99, t) == pytest.approx(1 - 0.9 * 11 / 22)
+    else:
+        assert lr_factor(60, t) == pytest.approx(0.55)
+
+
+def test_config_errors_name_the_field(corpus, tmp_path):
+    good = settings(corpus, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown config field trian"):
+        load_config(None, good + ["trian.steps=3"])
+    with pytest.raises(ValueError, match=r"train.schedule must be 'cosine' or 'wsd'"):
+        load_config(None, good + ["train.schedule=linear"])
+    with pytest.raises(ValueError, match=r"--set expects key=value"):
+        load_config(None, good + ["train.steps"])
+    with pytest.raises(ValueError, match=r"model.type must be one of"):
+        load_config(None, good + ["model.type=gpt2"])
+    with pytest.raises(ValueError, match=r"data.eos_token '<eos>' is not in the tokenizer"):
+        Trainer(load_config(None, good + ["data.eos_token=<eos>"]))
