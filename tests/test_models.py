@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from dla_shared import DLAConfig
+from dla_torch.generate import generate, sample
 from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
                               DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
 from dla_torch.models.upcycle import main as upcycle_cli
@@ -155,3 +156,37 @@ def test_upcycle_rejects_other_model_types(tmp_path):
     save_pretrained(tiny("gdn"), tmp_path)
     with pytest.raises(ValueError, match="expected a Mamba-2 checkpoint"):
         upcycle_mamba2(tmp_path, DLAConfig())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_cached_generation_equals_recomputing_every_step(kind):
+    model = tiny(kind)
+    prompt = torch.randint(0, 61, (2, 30))
+    out = generate(model, prompt, max_new_tokens=12, prefill_step=16)
+    ids = prompt
+    for _ in range(12):  # no cache: the whole text again each step
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+@torch.no_grad()
+def test_left_padded_generation_equals_each_row_alone():
+    model = tiny("gdn")
+    rows = [torch.randint(0, 61, (n,)) for n in (7, 19)]
+    padded = torch.zeros(2, 19, dtype=torch.long)
+    mask = torch.zeros(2, 19, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        padded[i, 19 - len(r):], mask[i, 19 - len(r):] = r, True
+    batch = generate(model, padded, max_new_tokens=8, mask=mask)
+    for i, r in enumerate(rows):
+        assert torch.equal(batch[i, 19:], generate(model, r[None], max_new_tokens=8)[0, len(r):])
+
+
+def test_sampling_respects_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    with pytest.raises(ValueError, match="top_p in"):
+        generate(tiny("gdn"), torch.zeros(1, 3, dtype=torch.long), top_p=0.0)
