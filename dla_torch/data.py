@@ -50,15 +50,17 @@ def read_documents(files, text_field="text") -> list[str]:
 
 
 class PackedTokens:
-    """A token stream of documents, each followed by ``eos_id``, cut into rows of ``row_len`` tokens."""
+    """A token stream of documents, each followed by ``eos_id``, cut into rows of ``row_len`` tokens;
+    with a ``seed`` the rows come in a fixed shuffled order."""
 
-    def __init__(self, documents, tokenizer, eos_id: int, row_len: int):
+    def __init__(self, documents, tokenizer, eos_id: int, row_len: int, seed: int | None = None):
         ids = [np.asarray(e.ids + [eos_id], np.int64) for e in tokenizer.encode_batch(documents)]
         self.tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.starts = np.cumsum([0] + [len(x) for x in ids[:-1]])  # document starts in the stream
         self.row_len = row_len
         if len(self) == 0:
             raise ValueError(f"{len(self.tokens)} tokens make no row of {row_len}; add data or lower seq_len")
+        self.order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
 
     def __len__(self):
         return len(self.tokens) // self.row_len
@@ -66,7 +68,7 @@ class PackedTokens:
     def row(self, index: int):
         """Row ``index`` (wrapping around): (input ids [1, R], labels [1, R] with -100 where the next token
         belongs to another document or the row ends, cu_seqlens [N + 1])."""
-        start = (index % len(self)) * self.row_len
+        start = int(self.order[index % len(self)]) * self.row_len
         end = start + self.row_len
         ids = torch.from_numpy(self.tokens[start:end])
         inner = self.starts[(self.starts > start) & (self.starts < end)] - start

@@ -131,7 +131,7 @@ class Trainer:
         if not valid_docs and d["valid_fraction"] > 0:  # the last documents, a fixed split
             cut = len(documents) - max(1, int(len(documents) * d["valid_fraction"]))
             documents, valid_docs = documents[:cut], documents[cut:]
-        self.train_rows = PackedTokens(documents, tokenizer, eos, t["seq_len"] * t["micro_batch"])
+        self.train_rows = PackedTokens(documents, tokenizer, eos, t["seq_len"] * t["micro_batch"], seed=t["seed"])
         self.valid_rows = PackedTokens(valid_docs, tokenizer, eos, t["seq_len"] * t["micro_batch"]) if valid_docs else None
 
         fields = {k: v for k, v in config["model"].items() if k != "type"}
