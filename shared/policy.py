@@ -67,8 +67,7 @@ def step(config: DLAConfig, n: np.ndarray, ibar: np.ndarray, pos: int, score: fl
             )
         dest[: j + 1] = j + 1
         return Step(dest, True, j + 1 if j >= 1 else -1)
-    opens = pos % config.block_size == 0 if config.policy == "fixed" else score >= config.threshold
-    if not opens:
+    if not opens(config, pos, score):
         return Step(dest, False, -1)
     m = int(np.count_nonzero(n))
     merge_slot = -1
@@ -78,6 +77,17 @@ def step(config: DLAConfig, n: np.ndarray, ibar: np.ndarray, pos: int, score: fl
         merge_slot = i + 1
     # Shift everything one slot older; the last slot is empty here unless a merge freed one.
     return Step(np.minimum(dest + 1, L - 1), True, merge_slot)
+
+
+def opens(config: DLAConfig, pos, score):
+    """Whether a token opens a state in a non-empty cache (numpy arrays or scalars, broadcast)."""
+    if config.policy == "single":
+        return np.zeros(np.broadcast(pos, score).shape, bool)
+    if config.policy == "fenwick":
+        return np.ones(np.broadcast(pos, score).shape, bool)
+    if config.policy == "fixed":
+        return np.broadcast_to(pos % config.block_size == 0, np.broadcast(pos, score).shape)
+    return np.broadcast_to(score >= config.threshold, np.broadcast(pos, score).shape)
 
 
 def apply(dest: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -129,7 +139,8 @@ def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
     """`step` for every (row, head) of one token.
 
     n [B, H, L], ibar [B, H, L], pos [B], score [B, H] (ignored where the cache is empty), active
-    bool [B] (False = padding: nothing changes). ``ibar`` keeps the dtype it came in, so that a continued sequence rounds the same way.
+    bool [B] (False = padding: nothing changes). ``ibar`` keeps the dtype it came in, so that a
+    continued sequence rounds the same way.
     """
     B, H, L = n.shape
     score = np.where(n[..., 0] > 0, score, 0).astype(ibar.dtype)  # an empty cache: I = 0
@@ -137,14 +148,17 @@ def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
     n, ibar, pos = n.copy(), ibar.copy(), pos.copy()
     opened = np.zeros((B, H), bool)
     merge_slot = np.full((B, H), -1)
-    for b in np.flatnonzero(active):
-        for h in range(H):
-            s = step(config, n[b, h], ibar[b, h], int(pos[b]), float(score[b, h]))
-            dest[b, h] = s.dest
-            n[b, h] = apply(s.dest, n[b, h])
-            ibar[b, h] = apply(s.dest, ibar[b, h])
-            n[b, h, 0] += 1
-            ibar[b, h, 0] += score[b, h]
-            opened[b, h], merge_slot[b, h] = s.opened, s.merge_slot
-        pos[b] += 1
+    # Most tokens just join the newest state; only the others need `step`.
+    joins = active[:, None] & n.any(-1) & ~opens(config, pos[:, None], score)
+    n[..., 0] += joins
+    ibar[..., 0] += np.where(joins, score, 0)
+    for b, h in zip(*np.nonzero(active[:, None] & ~joins)):
+        s = step(config, n[b, h], ibar[b, h], int(pos[b]), float(score[b, h]))
+        dest[b, h] = s.dest
+        n[b, h] = apply(s.dest, n[b, h])
+        ibar[b, h] = apply(s.dest, ibar[b, h])
+        n[b, h, 0] += 1
+        ibar[b, h, 0] += score[b, h]
+        opened[b, h], merge_slot[b, h] = s.opened, s.merge_slot
+    pos += active
     return Plan(dest, n, ibar, pos, opened, merge_slot)
