@@ -1,10 +1,11 @@
-"""Upcycling: a pretrained Hugging Face Mamba-2 checkpoint becomes a DLA Mamba-2 model.
+"""Upcycling: a pretrained Mamba-2 checkpoint in the transformers layout (`Mamba2ForCausalLM`'s config.json and
+safetensors) becomes a DLA Mamba-2 model.
 
 Every Mamba-2 tensor keeps its name and value; DLA's read-weight rows of ``in_proj`` start at zero and ``L``
 at one, so with the default ``read_weight_norm`` every state is read with weight 1 and the upcycled model's
 logits are the source model's for any policy, before any training (DESIGN section 2, the invariant).
 
-    dla-upcycle state-spaces/mamba2-130m out/dla-mamba2-130m --policy dla --capacity 30
+    dla-upcycle path/to/mamba2-hf out/dla-mamba2 --policy dla --capacity 30
 """
 
 from __future__ import annotations
