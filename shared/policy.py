@@ -136,29 +136,47 @@ class Plan(NamedTuple):
 
 
 def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
-    """`step` for every (row, head) of one token.
+    """`step` for every (row, head) of one token at once, with arrays (the backends' form; the oracle
+    calls `step` itself, so the two check each other).
 
     n [B, H, L], ibar [B, H, L], pos [B], score [B, H] (ignored where the cache is empty), active
     bool [B] (False = padding: nothing changes). ``ibar`` keeps the dtype it came in, so that a
     continued sequence rounds the same way.
     """
     B, H, L = n.shape
-    score = np.where(n[..., 0] > 0, score, 0).astype(ibar.dtype)  # an empty cache: I = 0
-    dest = np.broadcast_to(np.arange(L), (B, H, L)).copy()
-    n, ibar, pos = n.copy(), ibar.copy(), pos.copy()
-    opened = np.zeros((B, H), bool)
+    slots = np.arange(L)
+    empty = ~n.any(-1)
+    score = np.where(empty, 0, score).astype(ibar.dtype)  # an empty cache: I = 0
+    on = np.broadcast_to(active[:, None], (B, H))
+    opened = on & (empty | opens(config, pos[:, None], score))
+    moves = on & ~empty & opened  # a state opens in a cache that holds some: everything moves
     merge_slot = np.full((B, H), -1)
-    # Most tokens just join the newest state; only the others need `step`.
-    joins = active[:, None] & n.any(-1) & ~opens(config, pos[:, None], score)
-    n[..., 0] += joins
-    ibar[..., 0] += np.where(joins, score, 0)
-    for b, h in zip(*np.nonzero(active[:, None] & ~joins)):
-        s = step(config, n[b, h], ibar[b, h], int(pos[b]), float(score[b, h]))
-        dest[b, h] = s.dest
-        n[b, h] = apply(s.dest, n[b, h])
-        ibar[b, h] = apply(s.dest, ibar[b, h])
-        n[b, h, 0] += 1
-        ibar[b, h, 0] += score[b, h]
-        opened[b, h], merge_slot[b, h] = s.opened, s.merge_slot
-    pos += active
-    return Plan(dest, n, ibar, pos, opened, merge_slot)
+    if config.policy == "fenwick":
+        j = np.array([_trailing_ones(int(p) - 1) for p in pos])[:, None]  # levels 0..j fold into j + 1
+        if (moves & (j + 1 >= L)).any():
+            p = int(pos[np.nonzero(moves & (j + 1 >= L))[0][0]])
+            raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
+                             f"position {p} needs a larger DLAConfig.capacity")
+        dest = np.where(moves[..., None] & (slots <= j[..., None]), j[..., None] + 1, slots)
+        merge_slot = np.where(moves & (j >= 1), j + 1, -1)
+    elif config.policy in ("fixed", "dla"):
+        m = (n > 0).sum(-1)
+        full = moves & (m == L)
+        if config.merge == "oldest":
+            pair = m - 2
+        else:  # the least dense adjacent pair; ties to the oldest (largest index)
+            total_n = n[..., :-1] + n[..., 1:]
+            density = np.where(slots[:-1] < (m - 1)[..., None],
+                               (ibar[..., :-1] + ibar[..., 1:]) / np.maximum(total_n, 1), np.inf)
+            pair = L - 2 - np.argmin(density[..., ::-1], axis=-1)
+        merged = np.where(full[..., None] & (slots > pair[..., None]), slots - 1, slots)
+        dest = np.where(moves[..., None], np.minimum(merged + 1, L - 1), slots)
+        merge_slot = np.where(full, pair + 1, -1)
+    else:
+        dest = np.broadcast_to(slots, (B, H, L))
+    transfer = transfer_matrix(dest, ibar.dtype)
+    n = np.einsum("bhij,bhj->bhi", transfer.astype(n.dtype), n)
+    ibar = np.einsum("bhij,bhj->bhi", transfer, ibar)
+    n[..., 0] += on
+    ibar[..., 0] += np.where(on, score, 0)
+    return Plan(np.ascontiguousarray(dest), n, ibar, pos + active, opened, merge_slot)

@@ -2,10 +2,9 @@
 
 For each chunk of C tokens (the last may be shorter), with the K carried states S_i at its start:
 
-1. **Scan** (no gradient). The score needs only the newest state, so one pass over the tokens carries
-   that state alone (O(Dk Dv) per token, the single-state recurrence), and `dla_shared.policy` turns the
-   scores into decisions, recorded as ``sigma[t, x]``: the slot, after token t, of the state carried into
-   t's chunk x (x < L) or of the chunk's token x - L (-1 if not written yet).
+1. **Scan** (no gradient, `dla_shared.scan`): one pass over the tokens carries only the newest state,
+   which is all the score needs, and records the decisions as ``sigma[t, x]``: the slot, after token t,
+   of the state carried into t's chunk x (x < L) or of the chunk's token x - L (-1 if not written yet).
 2. **Math** (differentiable). Per chunk, with ``gamma_j = exp(cumsum g)`` and for the delta rule the
    triangular ``T[j, s] = delta_js + [s < j] (gamma_j / gamma_s) beta_s k_j.k_s`` (the UT transform):
    ``A = D T^-1`` is the base model's attention matrix inside the chunk (D its decay-masked q.k beta),
@@ -23,11 +22,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dla_shared import policy
+from dla_shared.scan import scan as shared_scan
 from dla_shared.state import DLAState
 
 CHUNK = 64
@@ -36,7 +34,7 @@ CHUNK = 64
 def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None):
     """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
 
-    ``decide`` computes the decisions (`scan` here; the Triton impl passes its kernel).
+    ``decide`` computes the decisions (`scan` here, on the host; the Triton impl passes its kernel).
     """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
@@ -74,44 +72,12 @@ def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigma, scale):
 
 
 def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
-    """The decisions, token by token, tracking only the newest state X (DESIGN section 3).
-
-    k [B, T, H, Dk], v [B, T, H, Dv], g/beta [B, T, H], active bool [B, T]. Returns ``sigma`` int16
-    [B, H, T, L + C]: at token t (chunk-local index j), the slot after t of each state carried into t's
-    chunk (columns < L) and of each of the chunk's tokens (column L + s; -1 until written), and the
-    final bookkeeping (n, ibar, pos) as CPU tensors.
-    """
-    B, T, H, _ = k.shape
-    n, ibar, pos = state.n.numpy().copy(), state.ibar.numpy().copy(), state.pos.numpy().copy()
-    L, C = n.shape[-1], chunk_size
-    X = state.S[:, :, 0]  # the newest state after the last write  [B, H, Dk, Dv]
-    size = X.shape[-1] * X.shape[-2]
-    on = active.cpu().numpy()
-    sigma = np.full((B, H, T, L + C), -1, np.int16)
-    for t in range(T):
-        if t % C == 0:  # a new chunk: carried states sit in their own slots, no token yet
-            slot_of = np.concatenate([np.broadcast_to(np.arange(L), (B, H, L)), np.full((B, H, C), -1)], -1)
-        kt, vt = k[:, t], v[:, t]
-        token = kt[..., :, None] * vt[..., None, :]
-        if beta is None:
-            S_new = torch.exp(g[:, t])[..., None, None] * X  # S~, the newest state before the write
-        else:
-            bt = beta[:, t, :, None, None]
-            S_new = torch.exp(g[:, t])[..., None, None] * (X - bt * kt[..., :, None] * (kt[..., None, :] @ X))
-            token = bt * token
-        terms = [(S_new * S_new).sum((-2, -1)), (token * token).sum((-2, -1)), (S_new * token).sum((-2, -1))]
-        score = policy.score_from_terms(config, *(x.cpu().numpy() for x in terms), size)
-        plan = policy.plan(config, n, ibar, pos, score, on[:, t])
-        n, ibar, pos = plan.n, plan.ibar, plan.pos
-        opened = torch.from_numpy(plan.opened).to(X.device)[..., None, None]
-        X_new = torch.where(opened, token, S_new + token)
-        X = torch.where(active[:, t, None, None, None], X_new, X)
-        moved = np.take_along_axis(plan.dest, np.maximum(slot_of, 0), axis=-1)
-        slot_of = np.where(slot_of >= 0, moved, -1)
-        slot_of[on[:, t], :, L + t % C] = 0
-        sigma[:, :, t] = slot_of
-    book = (torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
-    return torch.from_numpy(sigma).to(k.device), book
+    """The decisions (`dla_shared.scan`, on the host): ``sigma`` int16 [B, H, T, L + C] on k's device and
+    the final bookkeeping (n, ibar, pos) as CPU tensors."""
+    host = lambda x: None if x is None else x.detach().cpu().numpy()
+    sigma, book = shared_scan(config, host(k), host(v), host(g), host(beta), host(active), host(state.S[:, :, 0]),
+                              host(state.n), host(state.ibar), host(state.pos), chunk_size)
+    return torch.from_numpy(sigma).to(k.device), tuple(torch.from_numpy(x) for x in book)
 
 
 def _math(q, k, v, g, lam, beta, S, sigma, scale):

@@ -1,4 +1,4 @@
-"""The decision scan as one Triton kernel: the mirror of `dla_torch.ops.chunk.scan`, line for line.
+"""The decision scan as one Triton kernel: the mirror of `dla_shared.scan`, line for line.
 
 One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
 cache's bookkeeping (n, ibar, pos) in registers, and writes ``sigma`` (see `chunk.scan`). The policies of
