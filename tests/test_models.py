@@ -12,7 +12,7 @@ from dla_torch.generate import generate, sample
 from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
                               DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
 from dla_torch.models.upcycle import main as upcycle_cli
-from dla_torch.models.upcycle import upcycle_mamba2
+from dla_torch.models.upcycle import upcycle
 
 POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=8),
                   "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5), "dla": DLAConfig(policy="dla", capacity=4)}
@@ -137,7 +137,7 @@ def hf_mamba2(tmp_path_factory):
 def test_upcycled_mamba2_equals_transformers(policy, hf_mamba2):
     hf, folder = hf_mamba2
     ids = torch.randint(0, 64, (2, 45))
-    model = upcycle_mamba2(folder, POLICY_CONFIGS[policy])
+    model = upcycle(folder, POLICY_CONFIGS[policy])
     close(model(ids), hf(ids).logits)
 
 
@@ -154,8 +154,8 @@ def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
 
 def test_upcycle_rejects_other_model_types(tmp_path):
     save_pretrained(tiny("gdn"), tmp_path)
-    with pytest.raises(ValueError, match="expected a Mamba-2 checkpoint"):
-        upcycle_mamba2(tmp_path, DLAConfig())
+    with pytest.raises(ValueError, match=r"expected a Mamba-2 or Gated DeltaNet checkpoint.*'dla_gated_deltanet'"):
+        upcycle(tmp_path, DLAConfig())
 
 
 @torch.no_grad()
@@ -190,3 +190,20 @@ def test_sampling_respects_top_p():
     assert draws == {0, 1}
     with pytest.raises(ValueError, match="top_p in"):
         generate(tiny("gdn"), torch.zeros(1, 3, dtype=torch.long), top_p=0.0)
+
+
+def test_fla_gated_deltanet_maps_by_name(tmp_path):
+    """An fla GatedDeltaNet checkpoint loads tensor by tensor: names, shapes and values (fla's forward
+    needs a GPU, so logits are not compared here)."""
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    config = GatedDeltaNetConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, vocab_size=61,
+                                 fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
+    source = GatedDeltaNetForCausalLM(config)
+    source.save_pretrained(tmp_path)
+    model = upcycle(tmp_path, POLICY_CONFIGS["fenwick"])
+    ours = model.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(ours[name], tensor), name
+    assert all(torch.equal(layer.attn.L, torch.ones(2, 8)) and not layer.attn.l_proj.weight.any()
+               for layer in model.layers)

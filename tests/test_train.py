@@ -132,3 +132,13 @@ def test_config_errors_name_the_field(corpus, tmp_path):
         load_config(None, good + ["model.type=gpt2"])
     with pytest.raises(ValueError, match=r"data.eos_token '<eos>' is not in the tokenizer"):
         Trainer(load_config(None, good + ["data.eos_token=<eos>"]))
+
+
+def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):
+    results = []
+    for recompute in (False, True):
+        args = settings(corpus, tmp_path / str(recompute), steps=3, activation_checkpointing=recompute)
+        trainer = Trainer(load_config(None, args))
+        assert trainer.model.activation_checkpointing is recompute
+        results.append([trainer.train_step()["loss"] for _ in range(3)])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)

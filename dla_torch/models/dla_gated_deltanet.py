@@ -85,7 +85,8 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             cache.conv, cache.state = tuple(s for _, s in convs), state
         gate = self.g_proj(x).unflatten(-1, (H, c.head_v_dim))
-        return self.o_proj(self.o_norm(o.to(x.dtype), gate).flatten(-2))
+        # fla's gated norm: normalize, then gate (Mamba-2's gates first)
+        return self.o_proj((self.o_norm(o.to(x.dtype)) * F.silu(gate)).flatten(-2))
 
 
 class MLP(nn.Module):

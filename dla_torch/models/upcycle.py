@@ -1,9 +1,11 @@
-"""Upcycling: a pretrained Mamba-2 checkpoint in the transformers layout (`Mamba2ForCausalLM`'s config.json and
-safetensors) becomes a DLA Mamba-2 model.
+"""Upcycling: a pretrained single-state model becomes a DLA model of the same architecture.
 
-Every Mamba-2 tensor keeps its name and value; DLA's read-weight rows of ``in_proj`` start at zero and ``L``
-at one, so with the default ``read_weight_norm`` every state is read with weight 1 and the upcycled model's
-logits are the source model's for any policy, before any training (DESIGN section 2, the invariant).
+Sources: a transformers Mamba-2 (`Mamba2ForCausalLM`, model_type ``mamba2``) becomes ``dla_mamba2``; an fla
+Gated DeltaNet (`GatedDeltaNetForCausalLM`, model_type ``gated_deltanet``) becomes ``dla_gated_deltanet``.
+Every source tensor keeps its name and value; DLA's read-weight projection (rows ``dl`` appended to Mamba-2's
+``in_proj``, GDN's ``l_proj``) starts at zero and ``L`` at one, so with the default ``read_weight_norm`` every
+state is read with weight 1 and the upcycled model's logits are the source model's for any policy, before
+any training (DESIGN section 2, the invariant).
 
     dla-upcycle path/to/mamba2-hf out/dla-mamba2 --policy dla --capacity 30
 """
@@ -16,47 +18,74 @@ import torch
 
 from dla_shared import DLAConfig
 
+from .dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from .dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
 from .hub import TOKENIZER_FILES, check_weights, load_weights, read_config, resolve, save_pretrained
 
 MAMBA2_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "state_size", "expand", "head_dim",
                  "n_groups", "conv_kernel", "use_bias", "use_conv_bias", "layer_norm_epsilon", "residual_in_fp32",
                  "time_step_limit", "tie_word_embeddings")
+GDN_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "expand_v", "conv_size",
+              "intermediate_size", "tie_word_embeddings")
+# fla GatedDeltaNet options DLA's layer implements only at these values.
+GDN_REQUIRED = {"use_gate": True, "use_short_conv": True, "allow_neg_eigval": False, "hidden_act": "swish",
+                "output_gate_activation": "swish", "hidden_ratio": 4}
 
 
 def mamba2_config(hf: dict, dla: DLAConfig) -> DLAMamba2Config:
-    if hf.get("model_type") != "mamba2":
-        raise ValueError(f"expected a Mamba-2 checkpoint (model_type 'mamba2'), got model_type {hf.get('model_type')!r}")
     fields = {name: hf[name] for name in MAMBA2_FIELDS if name in hf}
     if "time_step_limit" in fields:  # transformers writes inf as {"__float__": "Infinity"}
         fields["time_step_limit"] = [float(x["__float__"]) if isinstance(x, dict) else x for x in fields["time_step_limit"]]
     return DLAMamba2Config(**fields, dla=dla)
 
 
-def mamba2_weights(weights: dict, config: DLAMamba2Config) -> dict:
-    """Rename to DLA's names and add the read-weight parameters (zero rows in ``in_proj``, ``L`` = 1)."""
+def gated_deltanet_config(fla: dict, dla: DLAConfig) -> DLAGatedDeltaNetConfig:
+    for name, value in GDN_REQUIRED.items():
+        if fla.get(name, value) != value and not (name == "hidden_ratio" and fla.get("intermediate_size")):
+            raise ValueError(f"fla GatedDeltaNet with {name}={fla[name]!r} is not supported (DLA needs {value!r})")
+    if fla.get("num_v_heads") not in (None, fla.get("num_heads")):
+        raise ValueError(f"fla GatedDeltaNet with num_v_heads={fla['num_v_heads']} != num_heads is not supported")
+    fields = {name: fla[name] for name in GDN_FIELDS if fla.get(name) is not None}
+    return DLAGatedDeltaNetConfig(**fields, layer_norm_epsilon=fla.get("norm_eps", 1e-6), dla=dla)
+
+
+SOURCES = {  # model_type: (config, DLA model, layer prefix with {i} as the layer)
+    "mamba2": (mamba2_config, DLAMamba2ForCausalLM, "backbone.layers.{i}.mixer"),
+    "gated_deltanet": (gated_deltanet_config, DLAGatedDeltaNetForCausalLM, "model.layers.{i}.attn"),
+}
+
+
+def with_read_weights(weights: dict, config, prefix: str) -> dict:
+    """DLA's names for the source tensors, plus zero read-weight projections and L = 1 in every layer."""
     H, K = config.num_heads, config.dla.num_slots
     out = {}
     for name, tensor in weights.items():
-        name = name.replace("backbone.embedding.", "backbone.embeddings.")  # older checkpoints
-        if name.endswith("mixer.in_proj.weight"):
-            tensor = torch.cat([tensor, tensor.new_zeros(H * K, tensor.shape[1])])
-        elif name.endswith("mixer.in_proj.bias"):
-            tensor = torch.cat([tensor, tensor.new_zeros(H * K)])
+        name = name.replace("backbone.embedding.", "backbone.embeddings.")  # older Mamba-2 checkpoints
+        if name.endswith("mixer.in_proj.weight") or name.endswith("mixer.in_proj.bias"):
+            tensor = torch.cat([tensor, tensor.new_zeros(H * K, *tensor.shape[1:])])  # the dl rows
         out[name] = tensor
     for i in range(config.num_hidden_layers):
-        out[f"backbone.layers.{i}.mixer.L"] = torch.ones(H, K)
+        layer = prefix.format(i=i)
+        out[f"{layer}.L"] = torch.ones(H, K)
+        if layer.endswith("attn"):
+            out[f"{layer}.l_proj.weight"] = torch.zeros(H * K, config.hidden_size)
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
 
 
-def upcycle_mamba2(path_or_id, dla: DLAConfig, out=None) -> DLAMamba2ForCausalLM:
-    """Load a Hugging Face Mamba-2 folder or Hub id as a DLA Mamba-2 model (saved to ``out`` if given)."""
+def upcycle(path_or_id, dla: DLAConfig, out=None):
+    """Load a Mamba-2 (transformers) or Gated DeltaNet (fla) folder or Hub id as a DLA model (saved to
+    ``out`` if given)."""
     folder = resolve(path_or_id)
-    config = mamba2_config(read_config(folder), dla)
-    model = DLAMamba2ForCausalLM(config)
-    weights = mamba2_weights(load_weights(folder), config)
+    source = read_config(folder)
+    if source.get("model_type") not in SOURCES:
+        raise ValueError(f"expected a Mamba-2 or Gated DeltaNet checkpoint (model_type one of {sorted(SOURCES)}), "
+                         f"got model_type {source.get('model_type')!r}")
+    make_config, cls, prefix = SOURCES[source["model_type"]]
+    config = make_config(source, dla)
+    model = cls(config)
+    weights = with_read_weights(load_weights(folder), config, prefix)
     check_weights(model, weights)
     model.load_state_dict(weights, strict=False)
     if out is not None:
@@ -67,7 +96,7 @@ def upcycle_mamba2(path_or_id, dla: DLAConfig, out=None) -> DLAMamba2ForCausalLM
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-upcycle", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a Hugging Face Mamba-2 checkpoint folder or Hub id")
+    p.add_argument("source", help="a transformers Mamba-2 or fla Gated DeltaNet checkpoint folder or Hub id")
     p.add_argument("out", help="folder for the DLA checkpoint")
     p.add_argument("--policy", default="dla", choices=["single", "fenwick", "fixed", "dla"])
     p.add_argument("--capacity", type=int, default=30)
@@ -75,8 +104,8 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=64)
     args = p.parse_args(argv)
     dla = DLAConfig(policy=args.policy, capacity=args.capacity, threshold=args.threshold, block_size=args.block_size)
-    model = upcycle_mamba2(args.source, dla, args.out)
-    print(f"wrote {args.out}: dla_mamba2, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    model = upcycle(args.source, dla, args.out)
+    print(f"wrote {args.out}: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"policy {dla.policy}")
     return 0
 
