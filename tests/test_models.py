@@ -154,7 +154,7 @@ def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
 
 def test_upcycle_rejects_other_model_types(tmp_path):
     save_pretrained(tiny("gdn"), tmp_path)
-    with pytest.raises(ValueError, match=r"expected a Mamba-2 or Gated DeltaNet checkpoint.*'dla_gated_deltanet'"):
+    with pytest.raises(ValueError, match=r"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint.*'dla_gated_deltanet'"):
         upcycle(tmp_path, DLAConfig())
 
 
@@ -207,3 +207,22 @@ def test_fla_gated_deltanet_maps_by_name(tmp_path):
         assert torch.equal(ours[name], tensor), name
     assert all(torch.equal(layer.attn.L, torch.ones(2, 8)) and not layer.attn.l_proj.weight.any()
                for layer in model.layers)
+
+
+def test_fla_log_linear_mamba2_maps_by_name(tmp_path):
+    """An fla Log-Linear Mamba-2 checkpoint loads tensor by tensor into dla_mamba2 with its MLP and read
+    weights (``mixer_norm`` renamed to ``norm``); the capacity must be its number of levels."""
+    from fla.models import LogLinearMamba2Config, LogLinearMamba2ForCausalLM
+
+    config = LogLinearMamba2Config(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                   state_size=8, residual_in_fp32=False, fuse_norm=False, fuse_cross_entropy=False)
+    source = LogLinearMamba2ForCausalLM(config)
+    source.save_pretrained(tmp_path)
+    levels = source.backbone.layers[0].mixer.L.shape[1]
+    with pytest.raises(ValueError, match=f"use capacity={levels}"):
+        upcycle(tmp_path, DLAConfig(policy="fenwick", capacity=levels + 1))
+    model = upcycle(tmp_path, DLAConfig(policy="fenwick", capacity=levels))
+    assert model.config.read_weight_norm is False and model.config.mlp_intermediate_size
+    ours = model.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(ours[name.replace(".mixer_norm.", ".norm.")], tensor), name

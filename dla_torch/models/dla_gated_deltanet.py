@@ -18,7 +18,7 @@ from torch import nn
 from dla_torch.ops import dla_attention
 
 from .config import BaseConfig
-from .layers import CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
+from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, mlp_size, read_weights
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class DLAGatedDeltaNetConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.intermediate_size is None:
-            self.intermediate_size = 256 * math.ceil(int(self.hidden_size * 4 * 2 / 3) / 256)
+            self.intermediate_size = mlp_size(self.hidden_size)
         if int(self.head_dim * self.expand_v) != self.head_dim * self.expand_v:
             raise ValueError(f"DLAGatedDeltaNetConfig: head_dim * expand_v must be an integer, got "
                              f"{self.head_dim} * {self.expand_v}")
@@ -89,24 +89,13 @@ class GatedDeltaNet(nn.Module):
         return self.o_proj((self.o_norm(o.to(x.dtype)) * F.silu(gate)).flatten(-2))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: DLAGatedDeltaNetConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, config: DLAGatedDeltaNetConfig):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.attn = GatedDeltaNet(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, **kw):
         x = x + self.attn(self.attn_norm(x), **kw)

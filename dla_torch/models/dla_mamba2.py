@@ -18,7 +18,7 @@ from torch import nn
 from dla_torch.ops import dla_attention
 
 from .config import BaseConfig
-from .layers import CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
+from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class DLAMamba2Config(BaseConfig):
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
+    # None: Mamba-2's blocks (mixer only); a width: fla's (Log-Linear) Mamba-2 blocks, mixer then gated MLP.
+    mlp_intermediate_size: int | None = None
     model_type: str = "dla_mamba2"
 
     def __post_init__(self):
@@ -113,10 +115,14 @@ class Block(nn.Module):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = Mixer(config)
+        if config.mlp_intermediate_size:
+            self.mlp_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+            self.mlp = MLP(config.hidden_size, config.mlp_intermediate_size)
 
     def forward(self, x, **kw):
         residual = x.float() if self.residual_in_fp32 else x
-        return residual + self.mixer(self.norm(x.to(self.norm.weight.dtype)), **kw)
+        x = residual + self.mixer(self.norm(x.to(self.norm.weight.dtype)), **kw)
+        return x + self.mlp(self.mlp_norm(x)) if hasattr(self, "mlp") else x
 
 
 class Backbone(nn.Module):

@@ -32,6 +32,24 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class MLP(nn.Module):
+    """The gated (SwiGLU) MLP of fla's blocks: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def mlp_size(hidden_size: int, ratio: int = 4) -> int:
+    """fla's default MLP width: ratio * hidden * 2 / 3, rounded up to a multiple of 256."""
+    return 256 * math.ceil(int(hidden_size * ratio * 2 / 3) / 256)
+
+
 def causal_conv(x, weight, bias=None, state=None, seq_ids=None):
     """Depthwise causal convolution over time.
 

@@ -7,6 +7,11 @@ Every source tensor keeps its name and value; DLA's read-weight projection (rows
 state is read with weight 1 and the upcycled model's logits are the source model's for any policy, before
 any training (DESIGN section 2, the invariant).
 
+An fla Log-Linear Mamba-2 (`LogLinearMamba2ForCausalLM`, model_type ``log_linear_mamba2``) already has its
+read weights (``dl`` rows, ``L`` with one column per Fenwick level): it loads as ``dla_mamba2`` with its
+gated MLP, Log-Linear's plain ``softplus(L * dl)`` read weights, and ``capacity`` = its levels; the
+``fenwick`` policy then computes log-linear attention.
+
     dla-upcycle path/to/mamba2-hf out/dla-mamba2 --policy dla --capacity 30
 """
 
@@ -20,6 +25,7 @@ from dla_shared import DLAConfig
 
 from .dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from .dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
+from .layers import mlp_size
 from .hub import TOKENIZER_FILES, check_weights, load_weights, read_config, resolve, save_pretrained
 
 MAMBA2_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "state_size", "expand", "head_dim",
@@ -34,9 +40,14 @@ GDN_REQUIRED = {"use_gate": True, "use_short_conv": True, "allow_neg_eigval": Fa
 
 def mamba2_config(hf: dict, dla: DLAConfig) -> DLAMamba2Config:
     fields = {name: hf[name] for name in MAMBA2_FIELDS if name in hf}
-    if "time_step_limit" in fields:  # transformers writes inf as {"__float__": "Infinity"}
-        fields["time_step_limit"] = [float(x["__float__"]) if isinstance(x, dict) else x for x in fields["time_step_limit"]]
+    if "time_step_limit" in fields:
+        fields["time_step_limit"] = _floats(fields["time_step_limit"])
     return DLAMamba2Config(**fields, dla=dla)
+
+
+def _floats(values):
+    """transformers writes inf in config.json as {"__float__": "Infinity"}."""
+    return [float(x["__float__"]) if isinstance(x, dict) else x for x in values]
 
 
 def gated_deltanet_config(fla: dict, dla: DLAConfig) -> DLAGatedDeltaNetConfig:
@@ -49,10 +60,16 @@ def gated_deltanet_config(fla: dict, dla: DLAConfig) -> DLAGatedDeltaNetConfig:
     return DLAGatedDeltaNetConfig(**fields, layer_norm_epsilon=fla.get("norm_eps", 1e-6), dla=dla)
 
 
-SOURCES = {  # model_type: (config, DLA model, layer prefix with {i} as the layer)
-    "mamba2": (mamba2_config, DLAMamba2ForCausalLM, "backbone.layers.{i}.mixer"),
-    "gated_deltanet": (gated_deltanet_config, DLAGatedDeltaNetForCausalLM, "model.layers.{i}.attn"),
-}
+def log_linear_mamba2_config(fla: dict, dla: DLAConfig) -> DLAMamba2Config:
+    required = {"D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False, "residual_in_fp32": False,
+                "hidden_act": "silu", "attnres_block_size": None}
+    for name, value in required.items():
+        if fla.get(name, value) != value:
+            raise ValueError(f"fla LogLinearMamba2 with {name}={fla[name]!r} is not supported (DLA needs {value!r})")
+    fields = {name: fla[name] for name in MAMBA2_FIELDS if name in fla}
+    return DLAMamba2Config(**fields, layer_norm_epsilon=fla.get("norm_eps", 1e-5), read_weight_norm=False,
+                           time_step_limit=_floats(fla.get("dt_limit", (0.0, float("inf")))),
+                           mlp_intermediate_size=mlp_size(fla["hidden_size"]), dla=dla)
 
 
 def with_read_weights(weights: dict, config, prefix: str) -> dict:
@@ -74,18 +91,35 @@ def with_read_weights(weights: dict, config, prefix: str) -> dict:
     return out
 
 
+def renamed(weights: dict, config, prefix: str) -> dict:
+    """fla's Log-Linear Mamba-2 names: ``mixer_norm`` is DLA's block ``norm``; its read weights stay."""
+    levels = next(t.shape[1] for name, t in weights.items() if name.endswith("mixer.L"))
+    if levels != config.dla.num_slots:
+        raise ValueError(f"this Log-Linear Mamba-2 reads {levels} levels per head: use capacity={levels} "
+                         f"(got {config.dla.num_slots})")
+    return {name.replace(".mixer_norm.", ".norm."): t for name, t in weights.items()}
+
+
+SOURCES = {  # model_type: (config, DLA model, layer prefix with {i} as the layer, weights)
+    "mamba2": (mamba2_config, DLAMamba2ForCausalLM, "backbone.layers.{i}.mixer", with_read_weights),
+    "gated_deltanet": (gated_deltanet_config, DLAGatedDeltaNetForCausalLM, "model.layers.{i}.attn", with_read_weights),
+    "log_linear_mamba2": (log_linear_mamba2_config, DLAMamba2ForCausalLM, "backbone.layers.{i}.mixer", renamed),
+}
+
+
 def upcycle(path_or_id, dla: DLAConfig, out=None):
-    """Load a Mamba-2 (transformers) or Gated DeltaNet (fla) folder or Hub id as a DLA model (saved to
-    ``out`` if given)."""
+    """Load a Mamba-2 (transformers), Log-Linear Mamba-2 or Gated DeltaNet (fla) folder or Hub id as a DLA
+    model (saved to ``out`` if given)."""
     folder = resolve(path_or_id)
     source = read_config(folder)
     if source.get("model_type") not in SOURCES:
-        raise ValueError(f"expected a Mamba-2 or Gated DeltaNet checkpoint (model_type one of {sorted(SOURCES)}), "
+        raise ValueError(f"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint (model_type one of "
+                         f"{sorted(SOURCES)}), "
                          f"got model_type {source.get('model_type')!r}")
-    make_config, cls, prefix = SOURCES[source["model_type"]]
+    make_config, cls, prefix, convert = SOURCES[source["model_type"]]
     config = make_config(source, dla)
     model = cls(config)
-    weights = with_read_weights(load_weights(folder), config, prefix)
+    weights = convert(load_weights(folder), config, prefix)
     check_weights(model, weights)
     model.load_state_dict(weights, strict=False)
     if out is not None:
@@ -96,7 +130,8 @@ def upcycle(path_or_id, dla: DLAConfig, out=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-upcycle", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a transformers Mamba-2 or fla Gated DeltaNet checkpoint folder or Hub id")
+    p.add_argument("source", help="a transformers Mamba-2, or fla Log-Linear Mamba-2 or Gated DeltaNet, checkpoint "
+                                  "folder or Hub id")
     p.add_argument("out", help="folder for the DLA checkpoint")
     p.add_argument("--policy", default="dla", choices=["single", "fenwick", "fixed", "dla"])
     p.add_argument("--capacity", type=int, default=30)
