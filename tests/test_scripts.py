@@ -33,3 +33,14 @@ def test_gpu_check_comparisons_run_on_cpu():
     rows = gpu_check.check(argparse.Namespace(length=40, check_length=20, heads=1, dim=4), "cpu")
     assert len(rows) == 10 and all(r["ok"] for r in rows)
     assert {"dq", "dk", "dv", "dg", "dlam", "dbeta"} <= set(rows[-1]["errors"])
+
+
+def test_prepare_tiny_writes_a_split_corpus_and_tokenizer(tmp_path):
+    prepare = load("prepare_tiny")
+    out = tmp_path / "tiny"
+    assert prepare.main(["--files", "6", "--valid-fraction", "0.2", "--vocab-size", "400", "--out", str(out)]) == 0
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    valid = [json.loads(line) for line in (out / "valid.jsonl").read_text().splitlines()]
+    assert train and valid and not {d["file"] for d in train} & {d["file"] for d in valid}
+    tokenizer = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    assert "<|endoftext|>" in tokenizer["model"]["vocab"]
