@@ -7,9 +7,10 @@ import mlx.core as mx
 from dla_shared import DLAConfig, DLAState
 from dla_shared.state import check_inputs
 
+from .chunk import dla_chunk
 from .reference import dla_reference
 
-IMPLS = {"reference": dla_reference}
+IMPLS = {"reference": dla_reference, "chunk": dla_chunk}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -26,7 +27,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
-        impl: "auto" or "reference".
+        impl: "reference" (token by token), "chunk" (chunkwise MLX ops) or "auto" (chunk).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -35,7 +36,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
     if impl == "auto":
-        impl = "reference"
+        impl = "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype

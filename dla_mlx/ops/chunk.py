@@ -1,0 +1,90 @@
+"""Chunkwise DLA in MLX ops: the mirror of `dla_torch.ops.chunk` (see its docstring for the algorithm).
+
+The decisions come from `dla_shared.scan` on the host; the chunk math is MLX ops, differentiable. MLX has no
+gradient for triangular solves, so the delta rule's unit lower-triangular T is inverted by forward
+substitution (`_unit_lower_inverse`), which is plain matmuls.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from dla_shared.scan import scan as shared_scan
+from dla_shared.state import DLAState
+
+CHUNK = 64
+
+
+def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK):
+    """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState)."""
+    B, T, H, _ = q.shape
+    # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
+    active = np.ones((B, T), bool) if mask is None else np.array(mask)
+    host = lambda x: None if x is None else np.array(mx.stop_gradient(x))
+    sigma, (n, ibar, pos) = shared_scan(config, host(k), host(v), host(g), host(beta), active, host(state.S[:, :, 0]),
+                                        host(state.n), host(state.ibar), host(state.pos), chunk_size)
+    sigma = mx.array(sigma.astype(np.int32))
+    L = state.S.shape[2]
+    S, outputs = state.S, [mx.zeros((B, 0, H, v.shape[-1]), dtype=state.S.dtype)]
+    for c0 in range(0, T, chunk_size):
+        c1 = min(c0 + chunk_size, T)
+        part = lambda x: None if x is None else x[:, c0:c1]
+        o, S = _math(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
+                     sigma[:, :, c0:c1, : L + c1 - c0], scale)
+        outputs.append(o)
+    book = (mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=state.S.dtype), mx.array(pos, dtype=mx.int64))
+    return mx.concatenate(outputs, axis=1), DLAState(S, *book)
+
+
+def _math(q, k, v, g, lam, beta, S, sigma, scale):
+    """Outputs and end states of one chunk given its decisions (`dla_torch.ops.chunk._math`)."""
+    L = S.shape[2]
+    qh, kh, vh, lh = (x.transpose(0, 2, 1, 3) for x in (q, k, v, lam))  # [B, H, C, D]
+    C = qh.shape[2]
+    cum = mx.cumsum(g.transpose(0, 2, 1), axis=-1)  # log gamma  [B, H, C]
+    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    ratio = mx.where(causal, mx.exp(mx.where(causal, cum[..., :, None] - cum[..., None, :], 0)), 0)
+    gamma, end = mx.exp(cum), cum[..., -1:]
+    to_end = mx.exp(end - cum)  # gamma_end / gamma_s
+    qk = qh @ kh.swapaxes(-1, -2)
+    if beta is None:
+        A = ratio * qk
+        q_start = gamma[..., None] * qh
+        kappa = to_end[..., None] * kh
+    else:
+        bh = beta.transpose(0, 2, 1)
+        strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), -1)
+        T_inv = _unit_lower_inverse(mx.eye(C, dtype=q.dtype) + mx.where(strict, ratio, 0) * bh[..., None, :]
+                                    * (kh @ kh.swapaxes(-1, -2)))
+        A = (ratio * bh[..., None, :] * qk) @ T_inv  # D T^-1
+        q_start = gamma[..., None] * qh - A @ (gamma[..., None] * kh)
+        kappa = T_inv.swapaxes(-1, -2) @ ((to_end * bh)[..., None] * kh)
+    tok, car = sigma[..., L:], sigma[..., :L]  # [B, H, C, C], [B, H, C, L]
+    lam_tok = mx.where(tok >= 0, mx.take_along_axis(lh, mx.maximum(tok, 0), axis=-1), 0)
+    lam_car = mx.take_along_axis(lh, car, axis=-1)
+    o = (lam_tok * A) @ vh + mx.einsum("bhji,bhjk,bhikv->bhjv", lam_car, q_start, S)
+    # States at the chunk end: carried states moved by G then carried by P_end, plus the tokens.
+    slots = mx.arange(L)
+    G = (car[:, :, -1, None, :] == slots[:, None]).astype(S.dtype)  # [B, H, L(new), L(old)]
+    E = (tok[:, :, -1, None, :] == slots[:, None]).astype(S.dtype)  # [B, H, L, C]
+    moved = mx.einsum("bhmi,bhikv->bhmkv", G, S)
+    if beta is None:
+        carried = mx.exp(end)[..., None, None] * moved
+    else:
+        P_end = mx.exp(end)[..., None] * mx.eye(kh.shape[-1], dtype=q.dtype) - \
+            kappa.swapaxes(-1, -2) @ (gamma[..., None] * kh)
+        carried = mx.einsum("bhkl,bhmlv->bhmkv", P_end, moved)
+    S = carried + mx.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
+    return scale * o.transpose(0, 2, 1, 3), S
+
+
+def _unit_lower_inverse(T):
+    """T^-1 for unit lower-triangular T [..., C, C], row by row (forward substitution)."""
+    C = T.shape[-1]
+    eye = mx.eye(C, dtype=T.dtype)
+    rows = mx.broadcast_to(eye[:1], T.shape[:-2] + (1, C))
+    for i in range(1, C):
+        row = eye[i] - (T[..., i : i + 1, :i] @ rows)[..., 0, :]
+        rows = mx.concatenate([rows, row[..., None, :]], axis=-2)
+    return rows
