@@ -3,15 +3,13 @@ from a local folder or a Hub id (through huggingface_hub)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+from dla_shared.hub import copy_tokenizer, read_config, resolve
 
 
 def model_types() -> dict:
@@ -19,26 +17,6 @@ def model_types() -> dict:
     from .dla_mamba2 import DLAMamba2ForCausalLM
 
     return {"dla_mamba2": DLAMamba2ForCausalLM, "dla_gated_deltanet": DLAGatedDeltaNetForCausalLM}
-
-
-def resolve(path_or_id) -> Path:
-    """A local folder as it is; anything else is a Hub repository id, downloaded (config, weights, tokenizer)."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path_or_id!r} is a file; expected a checkpoint folder or a Hub id")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-
-
-def read_config(folder: Path) -> dict:
-    file = Path(folder, "config.json")
-    if not file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    return json.loads(file.read_text())
-
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(folder).glob("model*.safetensors"))
@@ -93,7 +71,5 @@ def save_pretrained(model, folder, tokenizer_dir=None) -> Path:
         state.pop("lm_head.weight")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if Path(tokenizer_dir, name).exists():
-                shutil.copy(Path(tokenizer_dir, name), folder / name)
+        copy_tokenizer(tokenizer_dir, folder)
     return folder
