@@ -48,6 +48,9 @@ def main(argv=None):
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     (out / "tokenizer").mkdir(exist_ok=True)
     tokenizer.save(str(out / "tokenizer" / "tokenizer.json"))
+    # Lets transformers' AutoTokenizer (and so mlx-lm) load it too.
+    (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS}))
     print(f"{len(splits['train'])} train and {n_valid} validation files from {stdlib}; tokenizer "
           f"({tokenizer.get_vocab_size()} tokens) in {out / 'tokenizer'}")
     return 0

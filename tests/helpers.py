@@ -113,3 +113,25 @@ def load_fla_naive():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+WORDS = "the cache opens a new state where the text changes and merges the pair of least density".split()
+
+
+def make_tokenizer(folder, docs, vocab_size=300):
+    """A byte-level BPE tokenizer trained on ``docs``, saved as tokenizer.json and tokenizer_config.json."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(Path(folder, "tokenizer.json")))
+    Path(folder, "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    return tokenizer

@@ -18,14 +18,14 @@ POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(pol
                   "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5), "dla": DLAConfig(policy="dla", capacity=4)}
 
 
-def tiny(kind, policy="dla", **kw):
+def tiny(kind, policy="dla", vocab_size=61, **kw):
     torch.manual_seed(0)
     dla = POLICY_CONFIGS[policy]
     if kind == "mamba2":
-        config = DLAMamba2Config(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+        config = DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
                                  state_size=8, n_groups=2, dla=dla, **kw)
         return DLAMamba2ForCausalLM(config).eval()
-    config = DLAGatedDeltaNetConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8,
+    config = DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8,
                                     dla=dla, **kw)
     return DLAGatedDeltaNetForCausalLM(config).eval()
 

@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dla_torch.data import PackedTokens, load_tokenizer
 from dla_torch.models import from_pretrained
 from dla_torch.train import DEFAULTS, Trainer, load_config, lr_factor, main
+from helpers import WORDS, make_tokenizer
 
-WORDS = "the cache opens a new state where the text changes and merges the pair of least density".split()
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,7 @@ def corpus(tmp_path_factory):
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(300)]
     (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:270]))
     (folder / "valid.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[270:]))
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    (folder / "tok").mkdir()
-    tokenizer.save(str(folder / "tok" / "tokenizer.json"))
+    make_tokenizer(folder / "tok", docs)
     return folder
 
 

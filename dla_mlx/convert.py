@@ -1,0 +1,118 @@
+"""Load DLA models with mlx-lm, and convert checkpoints between the PyTorch and MLX layouts.
+
+Both backends use the same tensor names; only the depthwise convolution weights differ in layout (torch
+[C, 1, W], MLX [C, W, 1]), so conversion in the same dtype is lossless (bit-exact both ways).
+
+    dla-convert out/torch-model out/mlx-model                       # torch -> MLX
+    dla-convert out/mlx-model out/torch-again --to torch            # MLX -> torch
+    dla-convert out/torch-model out/mlx-4bit --quantize --q-bits 4  # quantized for generation
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from dla_shared.hub import copy_tokenizer, read_config, resolve
+
+MODEL_TYPES = ("dla_mamba2", "dla_gated_deltanet")
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def register():
+    """Let mlx-lm find the DLA model types (``mlx_lm.models.<type>``), no trust_remote_code needed."""
+    for name in MODEL_TYPES:
+        sys.modules.setdefault(f"mlx_lm.models.{name}", importlib.import_module(f"dla_mlx.models.{name}"))
+
+
+def load(path_or_id, **kwargs):
+    """`mlx_lm.load` for DLA checkpoints: returns (model, tokenizer)."""
+    from mlx_lm import load as mlx_load
+
+    register()
+    return mlx_load(str(resolve(path_or_id)), **kwargs)
+
+
+def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64):
+    """A checkpoint in the torch layout to the MLX layout, cast to ``dtype`` and quantized if asked
+    (decay, skip and read-weight parameters stay as they are: the model's cast and quant predicates)."""
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    register()
+    folder = resolve(source)
+    _check_type(read_config(folder))
+    model, config = load_model(folder, strict=True)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        keep = model.cast_predicate
+        model.update(tree_map_with_path(lambda p, x: x.astype(DTYPES[dtype]) if keep(p) else x, model.parameters()))
+        config["torch_dtype"] = dtype
+    if q_bits is not None:
+        model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=model.quant_predicate)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.eval(model.parameters())
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    copy_tokenizer(folder, out)
+    return dict(tree_flatten(model.parameters()))
+
+
+def mlx_to_torch(source, out):
+    """A checkpoint in the MLX layout back to the torch layout (unquantized models only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = resolve(source)
+    config = read_config(folder)
+    _check_type(config)
+    if "quantization" in config:
+        raise ValueError(f"{folder} is quantized; only unquantized MLX checkpoints convert back to torch")
+    weights = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        for name, x in mx.load(str(file)).items():
+            if "conv1d.weight" in name:
+                x = x.moveaxis(2, 1)  # MLX [C, W, 1] -> torch [C, 1, W]
+            dtype = getattr(torch, str(x.dtype).split(".")[-1])
+            weights[name] = torch.from_numpy(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)).to(dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    copy_tokenizer(folder, out)
+
+
+def _check_type(config):
+    if config.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {config.get('model_type')!r}; expected one of {list(MODEL_TYPES)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="dla-convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="a checkpoint folder or Hub id")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--to", choices=["mlx", "torch"], default="mlx")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast (MLX side; decay and read weights stay)")
+    p.add_argument("--quantize", action="store_true", help="quantize the MLX model's linear layers")
+    p.add_argument("--q-bits", type=int, default=4)
+    p.add_argument("--q-group-size", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.to == "torch":
+        if args.dtype or args.quantize:
+            p.error("--dtype and --quantize apply to the MLX side only")
+        mlx_to_torch(args.source, args.out)
+    else:
+        torch_to_mlx(args.source, args.out, args.dtype, args.q_bits if args.quantize else None, args.q_group_size)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The MLX DLA models: parity with torch, lossless conversion, and mlx-lm's generation and prompt caches."""
+
+import copy
+import json
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm import generate
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import ArraysCache, load_prompt_cache, save_prompt_cache
+from safetensors.torch import load_file
+
+from dla_mlx.convert import load, main as convert_cli, mlx_to_torch, torch_to_mlx
+from dla_torch.models import save_pretrained
+from helpers import WORDS, make_tokenizer
+from test_models import tiny
+
+VOCAB = 300  # the tokenizer's and the models' (token ids past an embedding table are undefined in MLX)
+MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn")
+          for policy in ("single", "fenwick", "dla")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    make_tokenizer(folder, [" ".join(rng.choice(WORDS) for _ in range(20)) for _ in range(100)], vocab_size=VOCAB)
+    return folder
+
+
+def converted(kind, policy, folder, tokenizer_dir, **kw):
+    model = tiny(kind, policy, vocab_size=VOCAB, **kw)
+    save_pretrained(model, folder / "torch", tokenizer_dir=tokenizer_dir)
+    torch_to_mlx(folder / "torch", folder / "mlx")
+    mlx_model, tokenizer = load(folder / "mlx")
+    return model, mlx_model, tokenizer
+
+
+@pytest.mark.parametrize("kind, policy", MODELS)
+def test_mlx_logits_equal_torch(kind, policy, tmp_path, tokenizer_dir):
+    model, mlx_model, _ = converted(kind, policy, tmp_path, tokenizer_dir)
+    ids = np.random.default_rng(1).integers(0, 61, (2, 90))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).numpy()
+    np.testing.assert_allclose(np.array(mlx_model(mx.array(ids))), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_torch_mlx_torch_round_trip_is_bit_exact(kind, dtype, tmp_path, tokenizer_dir):
+    save_pretrained(tiny(kind, vocab_size=VOCAB).to(dtype), tmp_path / "a", tokenizer_dir=tokenizer_dir)
+    torch_to_mlx(tmp_path / "a", tmp_path / "m")
+    mlx_to_torch(tmp_path / "m", tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype == dtype and torch.equal(a[name], b[name]), name
+    assert (tmp_path / "b" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_prefill_in_slices_and_decode_equal_one_forward(kind, tmp_path, tokenizer_dir):
+    _, model, _ = converted(kind, "dla", tmp_path, tokenizer_dir)
+    ids = mx.array(np.random.default_rng(2).integers(0, 61, (1, 75)))
+    full = model(ids)
+    # mlx-lm's own prefill, in slices of 16 tokens, then its first step
+    (token, logprobs), = list(generate_step(ids[0, :70], model, max_tokens=1, prefill_step_size=16))
+    expected = full[0, 69] - mx.logsumexp(full[0, 69])
+    np.testing.assert_allclose(np.array(logprobs), np.array(expected), atol=1e-5)
+    cache = model.make_cache()
+    parts = [model(ids[:, :32], cache=cache), model(ids[:, 32:70], cache=cache)]
+    parts += [model(ids[:, t : t + 1], cache=cache) for t in range(70, 75)]
+    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full), atol=1e-5, rtol=1e-5)
+
+
+def test_mlx_lm_generate_is_greedy_decoding_and_prompt_caches_continue(tmp_path, tokenizer_dir):
+    _, model, tokenizer = converted("gdn", "dla", tmp_path, tokenizer_dir)
+    prompt = tokenizer.encode("the cache opens a new state")
+    steps = list(generate_step(mx.array(prompt), model, max_tokens=8))
+    for i, (token, logprobs) in enumerate(steps):  # without a cache: the whole text again each step
+        ids = prompt + [int(t) for t, _ in steps[:i]]
+        logits = model(mx.array([ids]))[0, -1]
+        np.testing.assert_allclose(np.array(logprobs), np.array(logits - mx.logsumexp(logits)), atol=1e-4)
+        assert int(token) == int(mx.argmax(logprobs))
+    assert isinstance(generate(model, tokenizer, prompt=prompt, max_tokens=8), str)
+    cache = model.make_cache()
+    model(mx.array([prompt]), cache=cache)
+    save_prompt_cache(str(tmp_path / "prompt.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "prompt.safetensors"))
+    nxt = mx.array([[5, 9, 13]])
+    np.testing.assert_array_equal(np.array(model(nxt, cache=loaded)), np.array(model(nxt, cache=cache)))
+
+
+def test_left_padded_batch_equals_each_row_alone(tmp_path, tokenizer_dir):
+    _, model, _ = converted("mamba2", "fixed", tmp_path, tokenizer_dir)
+    rows = [np.random.default_rng(i).integers(0, 61, n) for i, n in enumerate((9, 21))]
+    padded = np.zeros((2, 21), np.int64)
+    for i, r in enumerate(rows):
+        padded[i, 21 - len(r):] = r
+    cache = [ArraysCache(size=5, left_padding=[12, 0]) for _ in model.layers]
+    batch = np.array(model(mx.array(padded), cache=cache))
+    step = np.array(model(mx.array([[3], [4]]), cache=cache))
+    for i, r in enumerate(rows):
+        alone_cache = model.make_cache()
+        alone = np.array(model(mx.array(r[None]), cache=alone_cache))
+        np.testing.assert_allclose(batch[i, 21 - len(r):], alone[0], atol=1e-5, rtol=1e-5)
+        nxt = np.array(model(mx.array([[3 + i]]), cache=alone_cache))
+        np.testing.assert_allclose(step[i], nxt[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_models_generate_and_keep_precise_parameters(bits, tmp_path, tokenizer_dir):
+    model = tiny("gdn", "dla", vocab_size=VOCAB)
+    save_pretrained(model, tmp_path / "torch", tokenizer_dir=tokenizer_dir)
+    torch_to_mlx(tmp_path / "torch", tmp_path / "q", q_bits=bits, q_group_size=32)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == bits
+    quantized, tokenizer = load(tmp_path / "q")
+    attn = quantized.layers[0].attn
+    assert type(attn.q_proj).__name__ == "QuantizedLinear" and type(attn.l_proj).__name__ == "Linear"
+    np.testing.assert_array_equal(np.array(attn.A_log), model.layers[0].attn.A_log.detach().numpy())
+    assert isinstance(generate(quantized, tokenizer, prompt="the cache", max_tokens=4), str)
+    with pytest.raises(ValueError, match="quantized; only unquantized"):
+        mlx_to_torch(tmp_path / "q", tmp_path / "back")
+
+
+def test_deepcopy_dtype_and_cli(tmp_path, tokenizer_dir, capsys):
+    _, model, _ = converted("mamba2", "dla", tmp_path, tokenizer_dir)
+    clone = copy.deepcopy(model)
+    ids = mx.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.array(clone(ids)), np.array(model(ids)))
+    assert convert_cli([str(tmp_path / "torch"), str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
+    half, _ = load(tmp_path / "half")
+    assert half.layers[0].mixer.in_proj.weight.dtype == mx.bfloat16
+    assert half.layers[0].mixer.A_log.dtype == mx.float32  # kept precise by cast_predicate
+    (tmp_path / "torch" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+        torch_to_mlx(tmp_path / "torch", tmp_path / "x")
