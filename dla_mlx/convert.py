@@ -6,6 +6,7 @@ Both backends use the same tensor names; only the depthwise convolution weights 
     dla-convert out/torch-model out/mlx-model                       # torch -> MLX
     dla-convert out/mlx-model out/torch-again --to torch            # MLX -> torch
     dla-convert out/torch-model out/mlx-4bit --quantize --q-bits 4  # quantized for generation
+    dla-convert path/to/mamba2-hf out/mlx-dla --policy dla          # a pretrained Mamba-2, upcycled (needs torch)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -103,13 +105,24 @@ def main(argv=None):
     p.add_argument("--quantize", action="store_true", help="quantize the MLX model's linear layers")
     p.add_argument("--q-bits", type=int, default=4)
     p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--policy", default="dla", help="for a Mamba-2 / Gated DeltaNet source: the DLA policy")
+    p.add_argument("--capacity", type=int, default=30, help="for a Mamba-2 / Gated DeltaNet source: K")
     args = p.parse_args(argv)
+    quantize = args.q_bits if args.quantize else None
     if args.to == "torch":
         if args.dtype or args.quantize:
             p.error("--dtype and --quantize apply to the MLX side only")
         mlx_to_torch(args.source, args.out)
+    elif read_config(resolve(args.source)).get("model_type") not in MODEL_TYPES:
+        # A pretrained single-state model: upcycle it to DLA in the torch layout first.
+        from dla_shared import DLAConfig
+        from dla_torch.models.upcycle import upcycle
+
+        with tempfile.TemporaryDirectory() as folder:
+            upcycle(args.source, DLAConfig(policy=args.policy, capacity=args.capacity), folder)
+            torch_to_mlx(folder, args.out, args.dtype, quantize, args.q_group_size)
     else:
-        torch_to_mlx(args.source, args.out, args.dtype, args.q_bits if args.quantize else None, args.q_group_size)
+        torch_to_mlx(args.source, args.out, args.dtype, quantize, args.q_group_size)
     print(f"wrote {args.out}")
     return 0
 

@@ -138,3 +138,26 @@ def test_deepcopy_dtype_and_cli(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "torch" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="unknown model_type 'llama'"):
         torch_to_mlx(tmp_path / "torch", tmp_path / "x")
+
+
+def test_mamba2_converted_straight_to_mlx_equals_mlx_lm_mamba2(tmp_path):
+    """A transformers Mamba-2, upcycled under `single` and converted in one command, is mlx-lm's `mamba2`
+    (one group: mlx-lm's gated norm does not normalize per group)."""
+    from mlx_lm.utils import load_model
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8,
+                          num_heads=8, n_groups=1, conv_kernel=4)
+    source = Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "norm" in name or name.endswith(".D"):
+                p.add_(0.3 * torch.randn_like(p))
+    source.save_pretrained(tmp_path / "hf")
+    expected_model, _ = load_model(tmp_path / "hf", model_config={"intermediate_size": 64})
+    assert convert_cli([str(tmp_path / "hf"), str(tmp_path / "dla"), "--policy", "single"]) == 0
+    model, _ = load_model(tmp_path / "dla")
+    assert model.args.dla_config.policy == "single"
+    ids = mx.array(np.random.default_rng(0).integers(0, 64, (2, 40)))
+    np.testing.assert_allclose(np.array(model(ids)), np.array(expected_model(ids)), atol=1e-4, rtol=1e-4)
