@@ -3,6 +3,7 @@
 import copy
 import json
 import random
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -161,3 +162,15 @@ def test_mamba2_converted_straight_to_mlx_equals_mlx_lm_mamba2(tmp_path):
     assert model.args.dla_config.policy == "single"
     ids = mx.array(np.random.default_rng(0).integers(0, 64, (2, 40)))
     np.testing.assert_allclose(np.array(model(ids)), np.array(expected_model(ids)), atol=1e-4, rtol=1e-4)
+
+
+def test_dla_generate_streams_text_and_speed(tmp_path, tokenizer_dir, capsys):
+    from dla_mlx.generate import main as generate_cli
+
+    converted("gdn", "dla", tmp_path, tokenizer_dir)
+    assert generate_cli(["--model", str(tmp_path / "mlx"), "--prompt", "the cache", "-m", "12", "--temp", "0.8",
+                         "--top-p", "0.9", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    _, tokenizer = load(tmp_path / "mlx")
+    assert f"Prompt: {len(tokenizer.encode('the cache'))} tokens" in out
+    assert re.search(r"Generation: \d+ tokens, [\d.]+ tokens-per-sec", out) and "Peak memory" in out

@@ -1,0 +1,56 @@
+"""Generate text with a DLA model on MLX (Metal on a Mac, the CPU elsewhere), as `mlx_lm.generate` does:
+streamed text, then prompt and generation speed and peak memory. The state cache stays the same size
+however long the text grows.
+
+    dla-generate --model out/mlx-model --prompt "def fibonacci(n):" --max-tokens 200 --temp 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .convert import load
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="dla-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="an MLX checkpoint folder or Hub id (dla-convert makes one)")
+    p.add_argument("--prompt", default="", help="the prompt ('-' reads standard input)")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    sampler = make_sampler(args.temp, args.top_p if args.top_p < 1 else 0.0, top_k=args.top_k)
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                                    prefill_step_size=args.prefill_step_size):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print("=" * 10)
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
