@@ -44,3 +44,15 @@ def test_prepare_tiny_writes_a_split_corpus_and_tokenizer(tmp_path):
     assert train and valid and not {d["file"] for d in train} & {d["file"] for d in valid}
     tokenizer = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
     assert "<|endoftext|>" in tokenizer["model"]["vocab"]
+
+
+def test_bench_decode_measures_both_models(tmp_path, capsys):
+    bench = load("bench_decode")
+    out = tmp_path / "decode"
+    assert bench.main(["--lengths", "64", "256", "--width", "64", "--heads", "2", "--layers", "1", "--capacity", "4",
+                       "--steps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    size = {(r["T"], r["model"]): r["state_bytes"] for r in rows}
+    assert size[(64, "dla")] == size[(256, "dla")]  # DLA's state does not grow with the context
+    assert size[(256, "transformer")] > size[(64, "transformer")]
+    assert all(r["latency_s"] > 0 for r in rows) and "DLA latency at 256 / at 64" in capsys.readouterr().out

@@ -1,0 +1,139 @@
+"""Decode benchmark (MLX): per-token latency and bytes of cached state vs context length, for a DLA Gated
+DeltaNet model and an mlx-lm Llama (KV cache) of the same width, measured in one run.
+
+Each cache is first filled to the context length: the Transformer's KV cache with random keys and values
+of that length, DLA's cache with a full set of K random states at that position (what any context of
+that length leaves; a decode step's cost does not depend on the contents). Then the next tokens are
+decoded one at a time. Writes OUT.json and OUT.png and prints a markdown table.
+
+    python scripts/bench_decode.py --lengths 512 2048 8192 32768 --out bench/decode_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import llama
+from mlx_lm.models.cache import KVCache
+
+from dla_mlx.models import dla_gated_deltanet as dla
+from dla_shared.plot import pyplot
+
+
+def dla_model(width, layers, heads, capacity):
+    args = dla.ModelArgs(vocab_size=1024, hidden_size=width, num_hidden_layers=layers, num_heads=heads,
+                         head_dim=width // heads, expand_v=1.0, dla={"policy": "dla", "capacity": capacity})
+    return dla.Model(args)
+
+
+def transformer(width, layers, heads):
+    args = llama.ModelArgs(model_type="llama", hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=heads, intermediate_size=4 * width, rms_norm_eps=1e-5,
+                           vocab_size=1024, rope_theta=10000.0)
+    return llama.Model(args)
+
+
+def filled_dla_cache(model, T):
+    a = model.args
+    K, H, D, Dv = a.dla_config.capacity, a.num_heads, a.head_dim, a.head_v_dim
+    cache = model.make_cache()
+    for c in cache:
+        key_dim, value_dim = H * D, H * Dv
+        for i, dim in enumerate((key_dim, key_dim, value_dim)):
+            c[i] = mx.random.normal((1, a.conv_size - 1, dim))
+        n = np.full((1, H, K), T // K, np.int64)
+        n[..., 0] += T - n.sum(-1)
+        c[3], c[4] = mx.random.normal((1, H, K, D, Dv)) * 0.1, mx.array(n)
+        c[5], c[6] = mx.random.uniform(shape=(1, H, K)), mx.array([T], dtype=mx.int64)
+    return cache
+
+
+def filled_kv_cache(model, T):
+    cache = [KVCache() for _ in model.layers]
+    heads, dim = model.args.num_key_value_heads, model.args.hidden_size // model.args.num_attention_heads
+    for c in cache:
+        c.update_and_fetch(mx.random.normal((1, heads, T, dim)), mx.random.normal((1, heads, T, dim)))
+    return cache
+
+
+def decode_latency(model, cache, steps):
+    """Median seconds per decoded token over ``steps`` tokens (after two warm-up steps)."""
+    token, times = mx.array([[1]]), []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        logits = model(token, cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+        token = mx.argmax(logits[:, -1:], axis=-1)
+    return float(np.median(times))
+
+
+def state_bytes(cache):
+    return int(sum(c.nbytes for c in cache))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--capacity", type=int, default=30)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--out", default="bench/decode_cpu")
+    args = p.parse_args(argv)
+    mx.random.seed(0)
+    models = {"dla": dla_model(args.width, args.layers, args.heads, args.capacity),
+              "transformer": transformer(args.width, args.layers, args.heads)}
+    fill = {"dla": filled_dla_cache, "transformer": filled_kv_cache}
+    rows = []
+    for T in args.lengths:
+        for name, model in models.items():
+            cache = fill[name](model, T)
+            rows.append({"T": T, "model": name, "latency_s": decode_latency(model, cache, args.steps),
+                         "state_bytes": state_bytes(cache)})
+            print(rows[-1], flush=True)
+    meta = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__} | vars(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(rows, meta, out.with_suffix(".png"))
+    by = {(r["T"], r["model"]): r for r in rows}
+    print("| context | DLA ms/token | Transformer ms/token | DLA state (MB) | KV cache (MB) |\n|---|---|---|---|---|")
+    for T in args.lengths:
+        d, t = by[(T, "dla")], by[(T, "transformer")]
+        print(f"| {T} | {1e3 * d['latency_s']:.2f} | {1e3 * t['latency_s']:.2f} | {d['state_bytes'] / 2**20:.1f} | "
+              f"{t['state_bytes'] / 2**20:.1f} |")
+    first, last = by[(args.lengths[0], "dla")], by[(args.lengths[-1], "dla")]
+    print(f"DLA latency at {args.lengths[-1]} / at {args.lengths[0]}: {last['latency_s'] / first['latency_s']:.2f}")
+    return 0
+
+
+def plot(rows, meta, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("dla", "o-"), ("transformer", "s--")):
+        sel = [r for r in rows if r["model"] == name]
+        axes[0].plot([r["T"] for r in sel], [1e3 * r["latency_s"] for r in sel], style, label=name)
+        axes[1].plot([r["T"] for r in sel], [r["state_bytes"] / 2**20 for r in sel], style, label=name)
+    for ax, label in zip(axes, ("ms per decoded token", "cached state (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"decode on {meta['device']}: width {meta['width']}, {meta['layers']} layers, K={meta['capacity']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
