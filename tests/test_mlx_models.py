@@ -174,3 +174,15 @@ def test_dla_generate_streams_text_and_speed(tmp_path, tokenizer_dir, capsys):
     _, tokenizer = load(tmp_path / "mlx")
     assert f"Prompt: {len(tokenizer.encode('the cache'))} tokens" in out
     assert re.search(r"Generation: \d+ tokens, [\d.]+ tokens-per-sec", out) and "Peak memory" in out
+
+
+def test_mlx_lm_batch_generate_equals_each_prompt_alone(tmp_path, tokenizer_dir):
+    """mlx-lm's batch generation (left padding, merged ArraysCaches) runs DLA models unchanged."""
+    from mlx_lm.generate import batch_generate
+
+    _, model, tokenizer = converted("gdn", "dla", tmp_path, tokenizer_dir)
+    prompts = [tokenizer.encode("the cache opens"), tokenizer.encode("a new state where the text changes and merges")]
+    batch = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True).token_ids
+    for prompt, tokens in zip(prompts, batch):
+        alone = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=6)]
+        assert len(tokens) > 0 and list(tokens) == alone[: len(tokens)]
