@@ -2,7 +2,7 @@
 streamed text, then prompt and generation speed and peak memory. The state cache stays the same size
 however long the text grows.
 
-    dla-generate --model out/mlx-model --prompt "def fibonacci(n):" --max-tokens 200 --temp 0.7
+    dla-generate --model out/mlx-model --prompt "def fibonacci(n):" --max-tokens 200 --temp 0.7 --boundaries b.png
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--boundaries", metavar="PNG", help="also show where the state cache opened states over the "
+                   "prompt and output (text with '|' marks, and a plot written to PNG)")
+    p.add_argument("--boundaries-layer", type=int, default=0)
+    p.add_argument("--boundaries-head", type=int, default=0)
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
@@ -39,17 +43,37 @@ def main(argv=None):
     if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     sampler = make_sampler(args.temp, args.top_p if args.top_p < 1 else 0.0, top_k=args.top_k)
-    response = None
+    response, tokens = None, []
     for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                     prefill_step_size=args.prefill_step_size):
         print(response.text, end="", flush=True)
+        tokens.append(int(response.token))
     print()
     if response is not None:
         print("=" * 10)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {response.peak_memory:.3f} GB")
+    if args.boundaries:
+        show_boundaries(model, tokenizer, prompt, tokens, args)
     return 0
+
+
+def show_boundaries(model, tokenizer, prompt, tokens, args):
+    from dla_shared import plot_trace
+
+    from .inspect import mark_boundaries, trace_text
+
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) + tokens
+    trace = trace_text(model, ids, args.boundaries_layer)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    print("=" * 10)
+    print(f"State boundaries, layer {args.boundaries_layer}, head {args.boundaries_head} ('|' opens a state):")
+    print(mark_boundaries(pieces, trace, args.boundaries_head))
+    threshold = model.args.dla_config.threshold if model.args.dla_config.policy == "dla" else None
+    plot_trace(trace, args.boundaries, h=args.boundaries_head, threshold=threshold,
+               title=f"{args.model}: layer {args.boundaries_layer}, head {args.boundaries_head}")
+    print(f"wrote {args.boundaries}")
 
 
 if __name__ == "__main__":

@@ -169,20 +169,31 @@ def test_dla_generate_streams_text_and_speed(tmp_path, tokenizer_dir, capsys):
 
     converted("gdn", "dla", tmp_path, tokenizer_dir)
     assert generate_cli(["--model", str(tmp_path / "mlx"), "--prompt", "the cache", "-m", "12", "--temp", "0.8",
-                         "--top-p", "0.9", "--seed", "1"]) == 0
+                         "--top-p", "0.9", "--seed", "1", "--boundaries", str(tmp_path / "b.png")]) == 0
     out = capsys.readouterr().out
     _, tokenizer = load(tmp_path / "mlx")
     assert f"Prompt: {len(tokenizer.encode('the cache'))} tokens" in out
     assert re.search(r"Generation: \d+ tokens, [\d.]+ tokens-per-sec", out) and "Peak memory" in out
+    assert "State boundaries, layer 0, head 0" in out and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_mlx_lm_batch_generate_equals_each_prompt_alone(tmp_path, tokenizer_dir):
-    """mlx-lm's batch generation (left padding, merged ArraysCaches) runs DLA models unchanged."""
-    from mlx_lm.generate import batch_generate
+def test_trace_text_replays_a_layer_through_the_oracle(tmp_path, tokenizer_dir):
+    """The recorded inputs of a layer, replayed through the oracle, take the model's own decisions."""
+    import importlib
 
-    _, model, tokenizer = converted("gdn", "dla", tmp_path, tokenizer_dir)
-    prompts = [tokenizer.encode("the cache opens"), tokenizer.encode("a new state where the text changes and merges")]
-    batch = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True).token_ids
-    for prompt, tokens in zip(prompts, batch):
-        alone = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=6)]
-        assert len(tokens) > 0 and list(tokens) == alone[: len(tokens)]
+    from dla_mlx import dla_attention
+    from dla_mlx.inspect import mark_boundaries, trace_text
+
+    _, model, _ = converted("mamba2", "dla", tmp_path, tokenizer_dir)
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 61, 40)]
+    trace = trace_text(model, ids, layer=1)
+    assert importlib.import_module(type(model).__module__).dla_attention is dla_attention  # the op is restored
+    assert trace.opened.shape == (1, 40, model.args.num_heads) and trace.opened[0, 0].all()
+    assert np.nanmin(np.abs(trace.score - model.args.dla_config.threshold)) > 1e-4  # no float32 near-ties
+    cache = model.make_cache()
+    model(mx.array(ids)[None], cache=cache)
+    np.testing.assert_array_equal(np.array(cache[1][2])[0], trace.n[0, -1])  # layer 1's token counts per slot
+    marked = mark_boundaries([f"{i} " for i in ids], trace)
+    assert marked.count("|") == int(trace.opened[0, 1:, 0].sum())
+    with pytest.raises(ValueError, match="layer must be in"):
+        trace_text(model, ids, layer=2)
