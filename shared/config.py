@@ -91,3 +91,9 @@ def _check_choice(name, value, choices):
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"DLAConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def mlp_size(hidden_size: int, ratio: int = 4) -> int:
+    """fla's default gated-MLP width, shared by both backends' models: ratio * hidden * 2 / 3, rounded up
+    to a multiple of 256."""
+    return 256 * math.ceil(int(hidden_size * ratio * 2 / 3) / 256)

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
 from dla_shared import DLAConfig
+from dla_shared.config import mlp_size
 
 from ..ops import dla_attention
 from .base import MLP, CausalLM, RMSNorm, causal_conv, get_state, read_weights, set_state
@@ -34,7 +35,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         self.dla_config = DLAConfig.from_dict(self.dla) if isinstance(self.dla, dict) else self.dla
         if self.intermediate_size is None:
-            self.intermediate_size = 256 * -(-int(self.hidden_size * 4 * 2 / 3) // 256)
+            self.intermediate_size = mlp_size(self.hidden_size)
 
     @property
     def head_v_dim(self):

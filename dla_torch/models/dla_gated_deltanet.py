@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dla_shared.config import mlp_size
 from dla_torch.ops import dla_attention
 
 from .config import BaseConfig
-from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, mlp_size, read_weights
+from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
 
 
 @dataclasses.dataclass

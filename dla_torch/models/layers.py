@@ -45,11 +45,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def mlp_size(hidden_size: int, ratio: int = 4) -> int:
-    """fla's default MLP width: ratio * hidden * 2 / 3, rounded up to a multiple of 256."""
-    return 256 * math.ceil(int(hidden_size * ratio * 2 / 3) / 256)
-
-
 def causal_conv(x, weight, bias=None, state=None, seq_ids=None):
     """Depthwise causal convolution over time.
 

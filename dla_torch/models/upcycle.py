@@ -22,12 +22,12 @@ import argparse
 import torch
 
 from dla_shared import DLAConfig
+from dla_shared.config import mlp_size
 from dla_shared.hub import TOKENIZER_FILES, read_config, resolve
 
 from .dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from .dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
 from .hub import check_weights, load_weights, save_pretrained
-from .layers import mlp_size
 
 MAMBA2_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "state_size", "expand", "head_dim",
                  "n_groups", "conv_kernel", "use_bias", "use_conv_bias", "layer_norm_epsilon", "residual_in_fp32",
