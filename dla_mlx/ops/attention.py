@@ -8,9 +8,10 @@ from dla_shared import DLAConfig, DLAState
 from dla_shared.state import check_inputs
 
 from .chunk import dla_chunk
+from .metal import dla_metal
 from .reference import dla_reference
 
-IMPLS = {"reference": dla_reference, "chunk": dla_chunk}
+IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "metal": dla_metal}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -27,7 +28,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
-        impl: "reference" (token by token), "chunk" (chunkwise MLX ops) or "auto" (chunk).
+        impl: "reference" (token by token), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
+            for one token, else the chunk path with the Metal decision scan) or "auto" (metal where Metal
+            exists and the inputs are not float64, chunk elsewhere).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -36,7 +39,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
     if impl == "auto":
-        impl = "chunk"
+        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype

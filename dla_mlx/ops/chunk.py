@@ -16,15 +16,15 @@ from dla_shared.state import DLAState
 CHUNK = 64
 
 
-def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK):
-    """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState)."""
+def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None):
+    """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
+
+    ``decide`` computes the decisions (`scan` here, on the host; the Metal impl passes its kernel).
+    """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
     active = np.ones((B, T), bool) if mask is None else np.array(mask)
-    host = lambda x: None if x is None else np.array(mx.stop_gradient(x))
-    sigma, (n, ibar, pos) = shared_scan(config, host(k), host(v), host(g), host(beta), active, host(state.S[:, :, 0]),
-                                        host(state.n), host(state.ibar), host(state.pos), chunk_size)
-    sigma = mx.array(sigma.astype(np.int32))
+    sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
     L = state.S.shape[2]
     S, outputs = state.S, [mx.zeros((B, 0, H, v.shape[-1]), dtype=state.S.dtype)]
     for c0 in range(0, T, chunk_size):
@@ -33,8 +33,17 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
         o, S = _math(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
                      sigma[:, :, c0:c1, : L + c1 - c0], scale)
         outputs.append(o)
-    book = (mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=state.S.dtype), mx.array(pos, dtype=mx.int64))
     return mx.concatenate(outputs, axis=1), DLAState(S, *book)
+
+
+def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
+    """The decisions (`dla_shared.scan`, on the host): ``sigma`` int32 [B, H, T, L + C] and the final
+    bookkeeping (n, ibar, pos). ``active`` is a numpy bool [B, T]."""
+    host = lambda x: None if x is None else np.array(mx.stop_gradient(x))
+    sigma, (n, ibar, pos) = shared_scan(config, host(k), host(v), host(g), host(beta), active, host(state.S[:, :, 0]),
+                                        host(state.n), host(state.ibar), host(state.pos), chunk_size)
+    book = (mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=state.S.dtype), mx.array(pos, dtype=mx.int64))
+    return mx.array(sigma.astype(np.int32)), book
 
 
 def _math(q, k, v, g, lam, beta, S, sigma, scale):

@@ -1,0 +1,72 @@
+// One token through the cache of every (row, head): the transition of the L states, the score, the
+// policy's decisions, the merges, the write and the read. The mirror of `dla_mlx.ops.reference` for T = 1.
+// Launch: one threadgroup per (row, head), grid (32 * NSG, 1, B * H); thread j owns column j of every
+// state. States are float32 [B, H, L, Dk, Dv]; q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], lam [B, H, L],
+// n, ibar [B, H, L], pos, active [B]. Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA.
+uint bh = threadgroup_position_in_grid.z;
+uint b = bh / H;
+uint j = thread_position_in_threadgroup.x;
+bool col = j < Dv;
+bool on = active[b];
+const device float* S0 = S_in + bh * L * Dk * Dv;
+device float* S1 = S_out + bh * L * Dk * Dv;
+const device float* k_ = k + bh * Dk;
+const device float* q_ = q + bh * Dk;
+float decay = exp(g[bh]);
+float bt = DELTA ? beta[bh] : 1.0f;
+float vj = col ? v[bh * Dv + j] : 0.0f;
+
+// The score's three scalars: ||S~||^2 and <S~, s_t> over the newest state, and ||v||^2.
+float terms[3] = {0.0f, 0.0f, vj * vj};
+if (col) {
+  float kS = 0.0f;
+  if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * S0[r * Dv + j];
+  for (int r = 0; r < Dk; ++r) {
+    float s = decay * (S0[r * Dv + j] - bt * k_[r] * kS);
+    terms[0] += s * s;
+    terms[1] += s * k_[r] * bt * vj;
+  }
+}
+threadgroup float red[3 * NSG];
+dla_sum3<NSG>(terms, red, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
+float k_sq = 0.0f;
+for (int r = 0; r < Dk; ++r) k_sq += k_[r] * k_[r];
+float score = dla_score<SCORE>(terms[0], k_sq * terms[2] * bt * bt, terms[1], float(Dk * Dv), eps);
+
+int n[L];
+float ibar[L];
+int dest[L];
+for (int i = 0; i < L; ++i) {
+  n[i] = n_in[bh * L + i];
+  ibar[i] = ibar_in[bh * L + i];
+}
+dla_plan<L, POLICY, MERGE>(n, ibar, dest, pos[b], score, on, block_size, threshold);
+if (j == 0) {
+  for (int i = 0; i < L; ++i) {
+    n_out[bh * L + i] = n[i];
+    ibar_out[bh * L + i] = ibar[i];
+  }
+}
+if (col) {
+  float o = 0.0f;
+  if (!on) {  // padding changes nothing and reads zero
+    for (int e = 0; e < L * Dk; ++e) S1[e * Dv + j] = S0[e * Dv + j];
+  } else {
+    for (int e = 0; e < L * Dk; ++e) S1[e * Dv + j] = 0.0f;
+    for (int i = 0; i < L; ++i) {  // transition every state, and move it to its new slot
+      const device float* Si = S0 + i * Dk * Dv;
+      float kS = 0.0f;
+      if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * Si[r * Dv + j];
+      device float* Sd = S1 + dest[i] * Dk * Dv;
+      for (int r = 0; r < Dk; ++r) Sd[r * Dv + j] += decay * (Si[r * Dv + j] - bt * k_[r] * kS);
+    }
+    for (int r = 0; r < Dk; ++r) S1[r * Dv + j] += bt * k_[r] * vj;  // the write into slot 0
+    for (int i = 0; i < L; ++i) {
+      float read = 0.0f;
+      for (int r = 0; r < Dk; ++r) read += q_[r] * S1[(i * Dk + r) * Dv + j];
+      o += lam[bh * L + i] * read;
+    }
+    o *= scale;
+  }
+  out[bh * Dv + j] = o;
+}
