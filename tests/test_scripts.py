@@ -56,3 +56,12 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
     assert size[(64, "dla")] == size[(256, "dla")]  # DLA's state does not grow with the context
     assert size[(256, "transformer")] > size[(64, "transformer")]
     assert all(r["latency_s"] > 0 for r in rows) and "DLA latency at 256 / at 64" in capsys.readouterr().out
+
+
+def test_check_metal_runs_every_kernel_through_the_harness(capsys):
+    """check_metal.py is the Mac's check; --emulate runs the same comparisons through tests/metal_emu."""
+    check = load("check_metal")
+    assert check.main(["--emulate"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dla_scan") == 8 and out.count("dla_decode") == 8
+    assert "all kernels agree" in out

@@ -1,0 +1,143 @@
+"""The Metal kernels against their ops paths (DESIGN section 5), launched exactly as `dla_mlx.ops.metal.run`
+launches them: through the CPU emulation harness everywhere (`tests/metal_emu`), on the GPU where Metal exists.
+
+``dla_scan`` against `dla_shared.scan` (decisions exact), ``dla_decode`` against the MLX reference for one
+token, and ``impl="metal"`` end to end (prefill, then decode) against the reference.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import dla_mlx
+from dla_mlx.ops import metal
+from dla_mlx.ops.attention import empty_state
+from dla_shared.scan import scan as shared_scan
+from helpers import NAMES, POLICIES, assert_close, config_for, make_inputs, to_mlx
+from metal_emu.harness import emulate, translate
+from test_chunk import prefix_state
+
+LAUNCHERS = [pytest.param(emulate, id="emulated"),
+             pytest.param(metal.run, id="metal", marks=pytest.mark.skipif(not mx.metal.is_available(),
+                                                                           reason="needs a Metal GPU"))]
+CONFIGS = [pytest.param(config_for(p), id=p) for p in POLICIES] + [
+    pytest.param(config_for("dla", merge="oldest"), id="dla-oldest"),
+    pytest.param(config_for("dla", score="state_drift", threshold=0.3), id="dla-state_drift"),
+    pytest.param(config_for("fixed", merge="density"), id="fixed-density")]
+TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
+# Dv = 40: two simdgroups, the second partly idle; odd Dk; a chunk of 16 so that 70 tokens span five.
+SHAPE = {"B": 2, "H": 2, "Dk": 9, "Dv": 40}
+CHUNK = 16
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher(request):
+    return request.param
+
+
+def scan_case(config, delta, T, prefix=11):
+    """Inputs of a scan continuing from the oracle's state after ``prefix`` tokens; row 1 ends in padding."""
+    x = make_inputs(config, T=prefix + T, delta=delta, **SHAPE)
+    state, tail = prefix_state(config, x, prefix)
+    active = np.ones((SHAPE["B"], T), bool)
+    active[1, T - T // 3 :] = False
+    f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+    args = [f32(tail[n]) for n in ("k", "v", "g", "beta")] + [active, f32(state.S[:, :, 0]), state.n,
+                                                                   f32(state.ibar), state.pos]
+    return args
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("T", [1, 70], ids=lambda T: f"T{T}")
+def test_scan_kernel(launcher, config, delta, T):
+    args = scan_case(config, delta, T)
+    sigma, (n, ibar, _) = shared_scan(config, *args, CHUNK)
+    m = lambda a: None if a is None else mx.array(a)
+    sigma2, n2, ibar2 = launcher(metal.scan_launch(config, *map(m, args), CHUNK))
+    np.testing.assert_array_equal(np.array(sigma2), sigma)
+    np.testing.assert_array_equal(np.array(n2), n)
+    np.testing.assert_allclose(np.array(ibar2), ibar, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_decode_kernel(launcher, config, delta):
+    x = make_inputs(config, T=30, delta=delta, **SHAPE)
+    state, tail = prefix_state(config, x, 29)
+    state = to_mlx(state, mx.float32)
+    args = [to_mlx(tail[n], mx.float32) for n in NAMES]
+    mask = mx.array([[True], [False]])  # row 1: a padded step changes nothing
+    o, final = dla_mlx.dla_attention(*args, config=config, scale=0.7, mask=mask, initial_state=state,
+                                     output_final_state=True, impl="reference")
+    q, k, v, g, lam, beta = (None if a is None else a[:, 0] for a in args)
+    o2, S2, n2, ibar2 = launcher(metal.decode_launch(config, q, k, v, g, lam, beta, mask[:, 0], state, 0.7))
+    assert_close("o", o[:, 0], o2, 1e-5)
+    assert_close("S", final.S, S2, 1e-5)
+    np.testing.assert_array_equal(np.array(n2), np.array(final.n))
+    np.testing.assert_allclose(np.array(ibar2), np.array(final.ibar), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_metal_impl_prefill_then_decode(launcher, monkeypatch, policy, delta):
+    """impl="metal" (the scan kernel in a 37-token prefill, then the decode kernel token by token) equals
+    the reference over the whole sequence: outputs and final state."""
+    monkeypatch.setattr(metal, "run", launcher)
+    config = config_for(policy)
+    x = {n: to_mlx(a, mx.float32) for n, a in make_inputs(config, T=41, delta=delta, **SHAPE).items()}
+    o, final = dla_mlx.dla_attention(*(x[n] for n in NAMES), config=config, output_final_state=True,
+                                     impl="reference")
+    part = lambda s, e: [None if x[n] is None else x[n][:, s:e] for n in NAMES]
+    outputs, state = [], None
+    for s, e in [(0, 37), (37, 38), (38, 39), (39, 40), (40, 41)]:
+        o2, state = dla_mlx.dla_attention(*part(s, e), config=config, initial_state=state, output_final_state=True,
+                                          impl="metal")
+        outputs.append(o2)
+    assert_close("o", o, mx.concatenate(outputs, axis=1), 1e-5)
+    assert_close("S", final.S, state.S, 1e-5)
+    np.testing.assert_array_equal(np.array(state.n), np.array(final.n))
+    np.testing.assert_array_equal(np.array(state.pos), np.array(final.pos))
+
+
+def test_metal_impl_refuses_float64_and_small_fenwick():
+    config = config_for("fenwick", capacity=3)  # 3 levels hold 4 tokens
+    x = {n: to_mlx(a, mx.float32) for n, a in make_inputs(config, T=6, **SHAPE).items()}
+    with pytest.raises(ValueError, match="capacity=3 levels holds at most 4 tokens"):
+        dla_mlx.dla_attention(*(x[n] for n in NAMES), config=config, impl="metal")
+    x64 = {n: None if a is None else a.astype(mx.float64) for n, a in x.items()}
+    with pytest.raises(ValueError, match="float64"):
+        dla_mlx.dla_attention(*(x64[n] for n in NAMES), config=config, impl="metal")
+
+
+# Deliberate bugs that the harness must catch: a missing barrier (threadgroup memory read before the other
+# simdgroups wrote it, or overwritten before all read it) and a wrong index.
+BUGS = {
+    "missing-barrier": lambda header, body: (header.replace("threadgroup_barrier(mem_flags::mem_threadgroup);", "", 1),
+                                             body),
+    "wrong-index": lambda header, body: (header, body.replace("x[r] = col ? X_in[(bh * Dk + r) * Dv + j]",
+                                                              "x[r] = col ? X_in[(bh * Dk + r) * Dv + j / 2]")),
+}
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_harness_catches_a_broken_kernel(bug):
+    config = config_for("dla")
+    args = scan_case(config, True, 70)
+    m = lambda a: None if a is None else mx.array(a)
+    launch = metal.scan_launch(config, *map(m, args), CHUNK)
+    sigma, (n, ibar, _) = shared_scan(config, *args, CHUNK)
+    before = [BUGS[bug](h, b) != (h, b) for h, b in [(metal.source(metal.HEADER), metal.source("dla_scan.metal"))]]
+    assert before == [True], "the edit must change the kernel"
+    sigma2, n2, ibar2 = emulate(launch, edit=BUGS[bug])
+    same = (np.array_equal(np.array(sigma2), sigma) and np.array_equal(np.array(n2), n)
+            and np.allclose(np.array(ibar2), ibar, rtol=1e-5, atol=1e-6))
+    assert not same, f"the harness ran a kernel with a {bug} and did not notice"
+
+
+def test_harness_refuses_what_it_cannot_emulate():
+    config = config_for("dla")
+    launch = metal.decode_launch(config, *[mx.zeros((1, 1, 4))] * 3, mx.zeros((1, 1)), mx.ones((1, 1, 4)), None,
+                                 mx.array([True]), empty_state(1, 1, 4, 4, 4), 1.0)
+    with pytest.raises(NotImplementedError, match="quadgroup"):
+        translate(launch, "", "uint q = quadgroup_index_in_threadgroup;")
