@@ -30,7 +30,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
         impl: "reference" (token by token), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
             for one token, else the chunk path with the Metal decision scan) or "auto" (metal where Metal
-            exists and the inputs are not float64, chunk elsewhere).
+            exists and the inputs are not float64; elsewhere the reference for one token, which is the
+            decode kernel's ops path, and chunk for more).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -39,7 +40,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
     if impl == "auto":
-        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "chunk"
+        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "reference" if T == 1 else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype
