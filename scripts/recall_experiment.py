@@ -1,0 +1,206 @@
+"""The paper's claim at small scale: does DLA's adaptive state cache help recall?
+
+Trains one tiny language model per (transition, policy) on a mix of MQAR and needle-in-a-haystack sequences
+(`dla_shared.recall`), every policy holding the same number of states, then scores each on fresh sequences:
+MQAR accuracy by sequence length and number of key-value pairs, needle accuracy by length and depth.
+Writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png`` (the curves).
+
+    python scripts/recall_experiment.py --out bench/recall                # the README's run (CPU, ~25 min)
+    python scripts/recall_experiment.py --steps 5 --lengths 32 --pairs 2  # a smoke test
+
+Models: ``dla_mamba2`` (diagonal transition) and ``dla_gated_deltanet`` (gated delta rule). Policies at a
+matched number of states K (``--states``): ``single`` (one state: the base model), ``fixed`` (a state every
+ceil(max length / K) tokens), ``fenwick`` (K Fenwick levels, Log-Linear Attention) and ``dla``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dla_shared import DLAConfig, recall
+from dla_shared.plot import pyplot
+from dla_torch.models.dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
+from dla_torch.models.dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
+
+POLICIES = ("single", "fixed", "fenwick", "dla")
+TRANSITIONS = {"diagonal": "dla_mamba2", "delta": "dla_gated_deltanet"}
+
+
+def policy_config(policy: str, states: int, max_len: int, threshold: float) -> DLAConfig:
+    if policy == "single":
+        return DLAConfig(policy="single")
+    if policy == "fenwick":
+        if 2 ** (states - 1) < max_len:
+            raise ValueError(f"--states {states}: {states} Fenwick levels hold {2 ** (states - 1)} tokens, "
+                             f"fewer than the longest sequence ({max_len})")
+        return DLAConfig(policy="fenwick", capacity=states)
+    if policy == "fixed":
+        return DLAConfig(policy="fixed", capacity=states, block_size=math.ceil(max_len / states))
+    return DLAConfig(policy="dla", capacity=states, threshold=threshold)
+
+
+def build_model(transition: str, dla: DLAConfig, args):
+    common = {"vocab_size": args.vocab, "hidden_size": args.hidden, "num_hidden_layers": args.layers, "dla": dla}
+    if transition == "diagonal":
+        config = DLAMamba2Config(**common, num_heads=2 * args.hidden // args.head_dim, head_dim=args.head_dim,
+                                 state_size=args.head_dim)
+        return DLAMamba2ForCausalLM(config)
+    config = DLAGatedDeltaNetConfig(**common, num_heads=args.hidden // args.head_dim, head_dim=args.head_dim,
+                                    expand_v=1.0)
+    return DLAGatedDeltaNetForCausalLM(config)
+
+
+def batch(rng, args, size):
+    """A training batch: MQAR or needle, at a random length (and pairs or depth)."""
+    length = int(rng.choice(args.lengths))
+    seed = int(rng.integers(2**31))
+    if rng.random() < 0.5:
+        pairs = int(rng.choice([p for p in args.pairs if 4 * p <= length]))
+        return recall.mqar(size, length, pairs, args.vocab, args.keys, seed)
+    return recall.needle(size, length, float(rng.random()), args.vocab, args.keys, seed)
+
+
+def train(model, args, seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)  # linear warmup, then cosine to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
+        math.pi * min(s / args.steps, 1)))))
+    model.train()
+    losses = []
+    for _ in range(args.steps):
+        b = batch(rng, args, args.batch)
+        logits = model(torch.from_numpy(b.inputs))
+        loss = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(b.targets).flatten(), ignore_index=recall.IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model, args):
+    """Rows {task, length, pairs or depth, accuracy} on sequences the model has not seen (seed offset)."""
+    model.eval()
+    rows = []
+    score = lambda b: recall.accuracy(model(torch.from_numpy(b.inputs)).numpy(), b.targets)
+    for length in args.lengths:
+        for pairs in args.pairs:
+            if 4 * pairs <= length:
+                b = recall.mqar(args.eval_n, length, pairs, args.vocab, args.keys, seed=10**6 + length * 100 + pairs)
+                rows.append({"task": "mqar", "length": length, "pairs": pairs, "accuracy": score(b)})
+        for depth in args.depths:
+            b = recall.needle(args.eval_n, length, depth, args.vocab, args.keys, seed=2 * 10**6 + length)
+            rows.append({"task": "needle", "length": length, "depth": depth, "accuracy": score(b)})
+    return rows
+
+
+def tables(results) -> str:
+    lines = []
+    for task, key in (("mqar", "pairs"), ("needle", "depth")):
+        cells = sorted({(r["length"], r[key]) for r in results if r["task"] == task})
+        runs = sorted({(r["transition"], r["policy"]) for r in results}, key=lambda x: (x[0], POLICIES.index(x[1])))
+        head = [f"T={t}, {key}={v}" for t, v in cells]
+        lines += [f"**{task.upper()}** accuracy", "", "| model | policy | " + " | ".join(head) + " | mean |",
+                  "|---|---|" + "---:|" * (len(head) + 1)]
+        for transition, policy in runs:
+            acc = {(r["length"], r[key]): r["accuracy"] for r in results
+                   if (r["task"], r["transition"], r["policy"]) == (task, transition, policy)}
+            values = [acc[c] for c in cells]
+            lines.append(f"| {TRANSITIONS[transition]} | {policy} | " + " | ".join(f"{a:.2f}" for a in values)
+                         + f" | **{np.mean(values):.2f}** |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    plt = pyplot()
+    transitions = sorted({r["transition"] for r in results})
+    fig, axes = plt.subplots(len(transitions), 2, figsize=(10, 3.5 * len(transitions)), squeeze=False)
+    for row, transition in enumerate(transitions):
+        for col, task in enumerate(("mqar", "needle")):
+            ax = axes[row, col]
+            for policy in POLICIES:
+                mine = [r for r in results if (r["transition"], r["task"], r["policy"]) == (transition, task, policy)]
+                if not mine:
+                    continue
+                lengths = sorted({r["length"] for r in mine})
+                ax.plot(lengths, [np.mean([r["accuracy"] for r in mine if r["length"] == t]) for t in lengths],
+                        marker="o", label=policy)
+            ax.set_title(f"{TRANSITIONS[transition]}: {task.upper()} (mean over "
+                         f"{'pairs' if task == 'mqar' else 'depths'})")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xscale("log", base=2)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench/recall", help="writes OUT.json, OUT.md and OUT.png")
+    p.add_argument("--transitions", nargs="+", default=list(TRANSITIONS), choices=list(TRANSITIONS))
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--states", type=int, default=8, help="states of every multi-state policy")
+    p.add_argument("--threshold", type=float, default=0.6, help="the dla policy's boundary threshold")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--keys", type=int, default=48, help="key tokens (the rest after two specials are values)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-n", type=int, default=64, help="sequences per evaluation cell")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not any(4 * pairs <= min(args.lengths) for pairs in args.pairs):
+        p.error("--pairs: the shortest length must hold at least one of them (4 tokens per pair)")
+    results, runs = [], []
+    for transition in args.transitions:
+        for policy in args.policies:
+            dla = policy_config(policy, args.states, max(args.lengths), args.threshold)
+            torch.manual_seed(args.seed)
+            model = build_model(transition, dla, args)
+            start = time.perf_counter()
+            losses = train(model, args, args.seed)
+            rows = evaluate(model, args)
+            seconds = time.perf_counter() - start
+            for r in rows:
+                results.append({"transition": transition, "policy": policy, **r})
+            runs.append({"transition": transition, "policy": policy, "dla": dla.to_dict(), "seconds": seconds,
+                         "final_loss": float(np.mean(losses[-20:]))})
+            mean = np.mean([r["accuracy"] for r in rows])
+            tqdm.write(f"{TRANSITIONS[transition]:<19} {policy:<8} loss {runs[-1]['final_loss']:.3f}  "
+                       f"mean accuracy {mean:.3f}  ({seconds:.0f} s)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1))
+    table = tables(results)
+    out.with_suffix(".md").write_text(table)
+    plot(results, out.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
