@@ -1,4 +1,5 @@
-"""impl="triton": the Triton decision scan vs the PyTorch scan, and the whole op vs the reference.
+"""impl="triton": the Triton decision scan vs the PyTorch scan, the fused chunk forward vs the PyTorch chunk
+math, and the whole op vs the reference.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so sizes stay small.
 """
@@ -12,8 +13,9 @@ import torch
 import dla_torch
 from dla_torch.ops import chunk
 from dla_torch.ops.attention import empty_state
+from dla_torch.ops.triton import chunk as triton_chunk
 from dla_torch.ops.triton import scan as triton_scan
-from helpers import NAMES, POLICIES, config_for, make_inputs, to_torch
+from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_torch
 from test_chunk import compare, prefix_state
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
@@ -96,3 +98,35 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         dla_torch.dla_attention(*(x[n] for n in NAMES), config=config, impl="triton")
     assert "TRITON_INTERPRET" not in os.environ
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_forward_equals_torch_chunk_math(policy, delta, poisoned_outputs):
+    """The fused kernel vs the PyTorch chunk math on the same decisions, continuing from a cache that holds
+    states: outputs and final states over two chunks of 16 and a partial one (odd Dk and Dv)."""
+    config = config_for(policy)
+    T, C = 37, 16
+    x = make_inputs(config, 2, 20 + T, 2, 5, 7, delta=delta, seed=2)
+    state, tail = prefix_state(config, x, 20)
+    tx, st = to_torch(tail, torch.float32), to_torch(state, torch.float32)
+    sigma, _ = chunk.scan(config, tx["k"], tx["v"], tx["g"], tx["beta"], torch.ones(2, T, dtype=torch.bool), st, C)
+    args = (tx["q"], tx["k"], tx["v"], tx["g"], tx["lam"], tx["beta"], st.S)
+    o, S = chunk._run_chunks(*args, [(a, min(a + C, T)) for a in range(0, T, C)], sigma, 0.6)
+    o2, S2 = triton_chunk.chunk_forward(*args, sigma, 0.6, C)
+    assert_close("o", o, o2, 1e-5)
+    assert_close("S", S, S2, 1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 64, 65], ids=lambda T: f"T{T}")
+def test_triton_forward_without_gradients_equals_reference(T):
+    """Without gradients impl="triton" runs both kernels (scan, fused forward), with padding."""
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 2, T, 1, 3, 5, delta=True, seed=T), torch.float32)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, T // 2 :] = False
+    run = lambda impl: dla_torch.dla_attention(*(x[n] for n in NAMES), config=config, mask=mask,
+                                               output_final_state=True, impl=impl)
+    (o, final), (o2, final2) = run("reference"), run("triton")
+    assert_close("o", o, o2, 1e-5)
+    assert_states_close(final, final2, 1e-5)

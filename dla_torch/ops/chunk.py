@@ -31,10 +31,13 @@ from dla_shared.state import DLAState
 CHUNK = 64
 
 
-def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None):
+def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None,
+              forward=None):
     """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
 
     ``decide`` computes the decisions (`scan` here, on the host; the Triton impl passes its kernel).
+    ``forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size) -> (o, S)`` replaces the PyTorch chunk
+    math when no gradient is needed (the Triton impl passes its fused kernel).
     """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
@@ -44,7 +47,10 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if not _needs_grad(q, k, v, g, lam, beta, state.S):
-        o, S = _run_chunks(q, k, v, g, lam, beta, state.S, chunks, sigma, scale)
+        if forward is not None:
+            o, S = forward(q, k, v, g, lam, beta, state.S, sigma, scale, chunk_size)
+        else:
+            o, S = _run_chunks(q, k, v, g, lam, beta, state.S, chunks, sigma, scale)
     else:
         # Keep the K states only at the start of each segment of sqrt(#chunks) chunks; recompute the rest.
         outputs, S = [], state.S
