@@ -2,7 +2,8 @@
 streamed text, then prompt and generation speed and peak memory. The state cache stays the same size
 however long the text grows.
 
-    dla-generate --model out/mlx-model --prompt "def fibonacci(n):" --max-tokens 200 --temp 0.7 --boundaries b.png
+    dla-generate --prompt "def fibonacci(n):" --boundaries b.png     # the model shipped with the package
+    dla-generate --model out/mlx-model --prompt "def main(" --max-tokens 200 --temp 0.7
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from dla_shared.hub import DEFAULT_MODEL
+
 from .convert import load
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="an MLX checkpoint folder or Hub id (dla-convert makes one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="a checkpoint folder (MLX or torch layout) or Hub "
+                   "id; default: the small model shipped with the package, trained on Python's standard library")
     p.add_argument("--prompt", default="", help="the prompt ('-' reads standard input)")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")

@@ -7,6 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+# The small model shipped with the package (a dla_gated_deltanet trained on Python's standard library by
+# scripts/make_default_model.sh; manifest.json says how, with its validation loss and file hashes).
+DEFAULT_MODEL = Path(__file__).with_name("default_model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
