@@ -5,7 +5,7 @@ Trains one tiny language model per (transition, policy) on a mix of MQAR and nee
 MQAR accuracy by sequence length and number of key-value pairs, needle accuracy by length and depth.
 Writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png`` (the curves).
 
-    python scripts/recall_experiment.py --out bench/recall                # the README's run (CPU, ~25 min)
+    python scripts/recall_experiment.py --out bench/recall                # the README's run (one CPU core, about 25 min)
     python scripts/recall_experiment.py --steps 5 --lengths 32 --pairs 2  # a smoke test
 
 Models: ``dla_mamba2`` (diagonal transition) and ``dla_gated_deltanet`` (gated delta rule). Policies at a
@@ -157,17 +157,17 @@ def main(argv=None):
     p.add_argument("--out", default="bench/recall", help="writes OUT.json, OUT.md and OUT.png")
     p.add_argument("--transitions", nargs="+", default=list(TRANSITIONS), choices=list(TRANSITIONS))
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    p.add_argument("--states", type=int, default=8, help="states of every multi-state policy")
+    p.add_argument("--states", type=int, default=7, help="states of every multi-state policy")
     p.add_argument("--threshold", type=float, default=0.6, help="the dla policy's boundary threshold")
-    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32, 64])
     p.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--vocab", type=int, default=96)
-    p.add_argument("--keys", type=int, default=32, help="key tokens (the rest after two specials are values)")
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=48)
+    p.add_argument("--keys", type=int, default=16, help="key tokens (the rest after two specials are values)")
+    p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-n", type=int, default=64, help="sequences per evaluation cell")
