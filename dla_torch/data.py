@@ -27,8 +27,8 @@ def load_tokenizer(folder):
 
 
 def read_documents(files, text_field="text") -> list[str]:
-    """Every document of ``files`` (one kind of file per call): a text file's lines, a JSONL / parquet
-    file's ``text_field``."""
+    """Every document of ``files`` (one kind of file per call): a whole text file is one document; a JSONL /
+    parquet file gives its ``text_field`` of every row."""
     import datasets
 
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
@@ -45,7 +45,8 @@ def read_documents(files, text_field="text") -> list[str]:
     data = datasets.load_dataset(kind, data_files=files, split="train", **extra)
     field = "text" if kind == "text" else text_field
     if field not in data.column_names:
-        raise ValueError(f"{files}: no {field!r} column (columns: {data.column_names}); set data.text_field")
+        raise ValueError(f"{files}: no {field!r} column (columns: {data.column_names}); choose the text field "
+                         "(data.text_field in dla-train, --text-field in dla-eval)")
     return [t for t in data[field] if t]
 
 
