@@ -2,7 +2,8 @@
 
 1. Correctness: `triton` vs `reference` (fp32, T = --check-length) and vs `chunk` (fp32 and bf16 inputs,
    T = --length) for every policy and both transitions: relative RMS error of outputs, final states and
-   gradients (DESIGN section 5: outputs 4e-3, gradients 1e-2).
+   gradients (DESIGN section 5: outputs 4e-3, gradients 1e-2), and of the outputs and states of the fused
+   forward kernel (the no-gradient path).
 2. Speed at T = --length, bf16 inputs: forward and forward+backward of `triton` (policies fenwick and dla)
    and of fla's `chunk_log_linear_attn` and `chunk_gated_delta_rule` when fla is installed, as tokens/s.
 
@@ -61,8 +62,11 @@ def check(args, device):
         x = make(T, 1, args.heads, args.dim, config.num_slots, delta, dtype, device)
         o, s, gr = run("triton", config, x)
         o2, s2, gr2 = run(against, config, x)
-        errors = {"o": rel(o2, o), "S": rel(s2.S, s.S)} | {f"d{n}": rel(gr2[n], gr[n]) for n in gr}
-        ok = errors["o"] <= TOL["o"] and errors["S"] <= TOL["o"] and \
+        with torch.no_grad():  # without gradients: the fused chunk forward kernel
+            o3, s3 = dla_attention(*x.values(), config=config, impl="triton", output_final_state=True)
+        errors = {"o": rel(o2, o), "S": rel(s2.S, s.S), "o_fused": rel(o2, o3), "S_fused": rel(s2.S, s3.S)} | \
+            {f"d{n}": rel(gr2[n], gr[n]) for n in gr}
+        ok = all(errors[n] <= TOL["o"] for n in ("o", "S", "o_fused", "S_fused")) and \
             all(e <= TOL["grad"] for n, e in errors.items() if n.startswith("d"))
         rows.append({"policy": policy, "transition": "delta" if delta else "diagonal", "against": against,
                      "T": T, "dtype": str(dtype).split(".")[-1], "errors": errors, "ok": ok})
