@@ -5,7 +5,7 @@ Trains one tiny language model per (transition, policy) on a mix of MQAR and nee
 MQAR accuracy by sequence length and number of key-value pairs, needle accuracy by length and depth.
 Writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png`` (the curves).
 
-    python scripts/recall_experiment.py --out bench/recall                # the README's run (one CPU core, about 25 min)
+    python scripts/recall_experiment.py --steps 3000 --jobs 2 --out bench/recall   # the README's run (2 cores, ~30 min)
     python scripts/recall_experiment.py --steps 5 --lengths 32 --pairs 2  # a smoke test
 
 Models: ``dla_mamba2`` (diagonal transition) and ``dla_gated_deltanet`` (gated delta rule). Policies at a
@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dla_shared import DLAConfig, recall
 from dla_shared.plot import pyplot
@@ -108,6 +108,22 @@ def evaluate(model, args):
     return rows
 
 
+def run_one(transition, policy, args):
+    """Train and score one model; returns (result rows, run summary)."""
+    torch.set_num_threads(1)
+    dla = policy_config(policy, args.states, max(args.lengths), args.threshold)
+    torch.manual_seed(args.seed)
+    model = build_model(transition, dla, args)
+    start = time.perf_counter()
+    losses = train(model, args, args.seed)
+    rows = [{"transition": transition, "policy": policy, **r} for r in evaluate(model, args)]
+    run = {"transition": transition, "policy": policy, "dla": dla.to_dict(), "seconds": time.perf_counter() - start,
+           "final_loss": float(np.mean(losses[-20:]))}
+    print(f"{TRANSITIONS[transition]:<19} {policy:<8} loss {run['final_loss']:.3f}  mean accuracy "
+          f"{np.mean([r['accuracy'] for r in rows]):.3f}  ({run['seconds']:.0f} s)", flush=True)
+    return rows, run
+
+
 def tables(results) -> str:
     lines = []
     for task, key in (("mqar", "pairs"), ("needle", "depth")):
@@ -172,26 +188,20 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-n", type=int, default=64, help="sequences per evaluation cell")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="models trained at once (one CPU thread each)")
     args = p.parse_args(argv)
     if not any(4 * pairs <= min(args.lengths) for pairs in args.pairs):
         p.error("--pairs: the shortest length must hold at least one of them (4 tokens per pair)")
-    results, runs = [], []
-    for transition in args.transitions:
-        for policy in args.policies:
-            dla = policy_config(policy, args.states, max(args.lengths), args.threshold)
-            torch.manual_seed(args.seed)
-            model = build_model(transition, dla, args)
-            start = time.perf_counter()
-            losses = train(model, args, args.seed)
-            rows = evaluate(model, args)
-            seconds = time.perf_counter() - start
-            for r in rows:
-                results.append({"transition": transition, "policy": policy, **r})
-            runs.append({"transition": transition, "policy": policy, "dla": dla.to_dict(), "seconds": seconds,
-                         "final_loss": float(np.mean(losses[-20:]))})
-            mean = np.mean([r["accuracy"] for r in rows])
-            tqdm.write(f"{TRANSITIONS[transition]:<19} {policy:<8} loss {runs[-1]['final_loss']:.3f}  "
-                       f"mean accuracy {mean:.3f}  ({seconds:.0f} s)")
+    jobs = [(transition, policy, args) for transition in args.transitions for policy in args.policies]
+    for _, policy, _ in jobs:  # refuse bad settings before any training
+        policy_config(policy, args.states, max(args.lengths), args.threshold)
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.starmap(run_one, jobs)
+    else:
+        done = [run_one(*job) for job in jobs]
+    results = [row for rows, _ in done for row in rows]
+    runs = [run for _, run in done]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1))

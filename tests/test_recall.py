@@ -53,7 +53,7 @@ def test_recall_experiment_runs_end_to_end(tmp_path, capsys):
     experiment = load("recall_experiment")
     out = tmp_path / "recall"
     assert experiment.main(["--steps", "2", "--lengths", "16", "--pairs", "2", "--depths", "0.5", "--states", "5",
-                            "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4",
+                            "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4", "--jobs", "2",
                             "--out", str(out)]) == 0
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     runs = {(r["transition"], r["policy"]) for r in results}
