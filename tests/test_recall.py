@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dla_shared import recall
-from test_scripts import load
+from test_scripts import SCRIPTS, load
 
 
 @pytest.mark.parametrize("pairs", [1, 4, 16], ids=lambda p: f"pairs{p}")
@@ -49,7 +49,8 @@ def test_bad_task_arguments_are_clear_errors():
         recall.needle(1, 64, 1.5)
 
 
-def test_recall_experiment_runs_end_to_end(tmp_path, capsys):
+def test_recall_experiment_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # --jobs 2: the worker processes import the script
     experiment = load("recall_experiment")
     out = tmp_path / "recall"
     assert experiment.main(["--steps", "2", "--lengths", "16", "--pairs", "2", "--depths", "0.5", "--states", "5",
