@@ -35,9 +35,16 @@ def register():
 def load(path_or_id, **kwargs):
     """`mlx_lm.load` for DLA checkpoints: returns (model, tokenizer)."""
     from mlx_lm import load as mlx_load
+    from transformers.utils import logging
 
     register()
-    return mlx_load(str(resolve(path_or_id)), **kwargs)
+    # transformers' AutoTokenizer reads config.json and warns that it does not know the DLA model types.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return mlx_load(str(resolve(path_or_id)), **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64):
