@@ -75,8 +75,9 @@ def show_boundaries(model, tokenizer, prompt, tokens, args):
     print(f"State boundaries, layer {args.boundaries_layer}, head {args.boundaries_head} ('|' opens a state):")
     print(mark_boundaries(pieces, trace, args.boundaries_head))
     threshold = model.args.dla_config.threshold if model.args.dla_config.policy == "dla" else None
+    name = "the default model" if args.model == str(DEFAULT_MODEL) else args.model
     plot_trace(trace, args.boundaries, h=args.boundaries_head, threshold=threshold,
-               title=f"{args.model}: layer {args.boundaries_layer}, head {args.boundaries_head}")
+               title=f"{name}: layer {args.boundaries_layer}, head {args.boundaries_head}")
     print(f"wrote {args.boundaries}")
 
 

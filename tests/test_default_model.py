@@ -1,0 +1,69 @@
+"""The model shipped with the package (`dla_shared.hub.DEFAULT_MODEL`): its files are what the recorded command
+made, it loads in both backends with the same logits, and `dla-generate` runs on it from a clean install."""
+
+import hashlib
+import json
+import platform
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from dla_mlx import load
+from dla_mlx.generate import main as generate
+from dla_shared.hub import DEFAULT_MODEL
+from dla_torch.models import from_pretrained
+from dla_torch.models.hub import model_types
+from test_scripts import load as load_script
+
+MANIFEST = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
+PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+
+
+def test_files_are_the_recorded_ones():
+    assert sorted(MANIFEST["sha256"]) == sorted(p.name for p in DEFAULT_MODEL.iterdir() if p.name != "manifest.json")
+    for name, digest in MANIFEST["sha256"].items():
+        assert hashlib.sha256((DEFAULT_MODEL / name).read_bytes()).hexdigest() == digest, name
+    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+def test_config_is_the_recorded_training_config():
+    """config.json is the model section of the recorded dla-train config, through the config class."""
+    model = dict(MANIFEST["train_config"]["model"])
+    cls = model_types()[model.pop("type")]
+    shipped = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert cls.config_class.from_dict({**model, "vocab_size": shipped["vocab_size"]}).to_dict() == shipped
+    assert shipped["dla"]["policy"] == "dla"
+
+
+@pytest.mark.skipif(platform.python_version() != MANIFEST["python"],
+                    reason="the corpus is this Python's standard library; another version has other files")
+def test_tokenizer_is_what_prepare_tiny_makes(tmp_path):
+    prepare = load_script("prepare_tiny")
+    assert prepare.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == (DEFAULT_MODEL / "tokenizer.json").read_text()
+
+
+def test_the_model_learned_its_corpus():
+    """Validation loss well below a uniform guess over the vocabulary (ln 2048 = 7.6 nats)."""
+    vocab = json.loads((DEFAULT_MODEL / "config.json").read_text())["vocab_size"]
+    assert MANIFEST["valid_loss"] < 0.6 * np.log(vocab)
+
+
+def test_torch_and_mlx_give_the_same_logits():
+    model, tokenizer = load(DEFAULT_MODEL)
+    ids = tokenizer.encode(PROMPT)
+    logits_mlx = np.array(model(mx.array([ids])).astype(mx.float32))
+    with torch.no_grad():
+        logits_torch = from_pretrained(DEFAULT_MODEL)(torch.tensor([ids])).numpy()
+    err = np.abs(logits_mlx - logits_torch).max() / np.abs(logits_torch).max()
+    assert err < 1e-4, err
+
+
+def test_dla_generate_streams_from_the_default_model(tmp_path, capsys):
+    plot = tmp_path / "boundaries.png"
+    assert generate(["--prompt", PROMPT, "-m", "12", "--boundaries", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "Generation: 12 tokens" in out and "Prompt:" in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
