@@ -1,6 +1,6 @@
 """Perplexity of a DLA causal LM over text documents, scored as the training program scores them.
 
-    dla-eval --model runs/dla/model --data valid.jsonl [--json results.json]
+    dla-eval --model runs/dla/model --data valid.jsonl [--json results.json]   # --model: default the shipped model
 
 Every document is scored on its own: its tokens followed by the end-of-document token, each token predicted
 from the tokens before it (the first token, which has none, is not scored), as in `dla_torch.train`'s
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dla_shared.hub import resolve
+from dla_shared.hub import DEFAULT_MODEL, resolve
 
 from .data import load_tokenizer, read_documents
 from .models.hub import from_pretrained
@@ -130,7 +130,8 @@ def _is_hub_id(name: str) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a checkpoint folder (with tokenizer.json) or a Hub id")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="a checkpoint folder (with tokenizer.json) or a Hub "
+                   "id; default: the small model shipped with the package")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=".txt (a whole file is one document), .jsonl or .parquet")
     p.add_argument("--text-field", default="text", help="the documents' field in JSONL / parquet files")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (the state carries across windows)")
