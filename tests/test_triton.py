@@ -130,3 +130,35 @@ def test_triton_forward_without_gradients_equals_reference(T):
     (o, final), (o2, final2) = run("reference"), run("triton")
     assert_close("o", o, o2, 1e-5)
     assert_states_close(final, final2, 1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_backward_equals_reference_float32(policy):
+    """Diagonal transition, float32: the fused forward and backward kernels (three chunks, so three
+    recomputed segments) vs the reference, from a cache that holds states, with padding: outputs, final
+    states and every gradient (q, k, v, g, lam and the initial states), at DESIGN's tolerances."""
+    config = config_for(policy)
+    x = make_inputs(config, 2, 20 + 150, 2, 5, 7, seed=4)
+    state, tail = prefix_state(config, x, 20)
+    mask = np.ones((2, 150), bool)
+    mask[1, 100:] = False
+    compare(config, tail, torch.float32, state=state, impl="triton", mask=torch.tensor(mask))
+
+
+def test_fused_backward_matches_the_chunk_math_closely():
+    """The same gradients as autograd through the PyTorch chunk math, to float32 rounding (1e-5)."""
+    config = config_for("dla")
+    x = make_inputs(config, 1, 20 + 70, 2, 5, 7, seed=5)
+    state, tail = prefix_state(config, x, 20)
+    results = []
+    for impl in ("chunk", "triton"):
+        leaves = {n: None if tail[n] is None else to_torch(tail[n], torch.float32, requires_grad=True) for n in NAMES}
+        st = to_torch(state, torch.float32)
+        st.S.requires_grad_()
+        o, final = dla_torch.dla_attention(*(leaves[n] for n in NAMES), config=config, initial_state=st,
+                                           output_final_state=True, impl=impl)
+        weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(0))
+        ((o * weights).sum() + final.S.square().sum()).backward()
+        results.append([o, final.S, st.S.grad] + [leaves[n].grad for n in NAMES if leaves[n] is not None])
+    for name, a, b in zip(["o", "S", "dS0", "dq", "dk", "dv", "dg", "dlam"], *results):
+        assert_close(name, a, b, 1e-5)

@@ -14,14 +14,16 @@ from .reference import dla_reference
 
 
 def dla_triton(q, *args, **kw):
-    """The chunk path with Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): the decision scan, and
-    for float32 without gradients the fused chunk forward; gradients go through the PyTorch chunk math."""
+    """The chunk path with Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): the decision scan; for
+    float32 the fused chunk forward, and for the diagonal transition its fused backward too (the delta
+    rule's gradients go through the PyTorch chunk math)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     from .triton import chunk, scan  # triton is imported only here: it is absent on macOS
 
-    forward = chunk.chunk_forward if q.dtype == torch.float32 else None
-    return dla_chunk(q, *args, decide=scan.scan, forward=forward, **kw)
+    fused = q.dtype == torch.float32
+    return dla_chunk(q, *args, decide=scan.scan, forward=chunk.chunk_forward if fused else None,
+                     differentiable=chunk.FusedChunks.apply if fused else None, **kw)
 
 
 IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "triton": dla_triton}

@@ -18,9 +18,9 @@ import triton.language as tl
 
 
 @triton.jit
-def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, T, H, scale,
+def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
                      L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr):
+                     BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr, STORE: tl.constexpr):
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     rc, rk, rl = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BL)
@@ -74,6 +74,8 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, T, H, scale,
         tl.debug_barrier()
         for i in range(0, L):
             S_i = tl.load(src + i * DK * DV + state, mask=m2, other=0)
+            if STORE:  # the states at each chunk start, for the backward pass
+                tl.store(starts + ((i_bh * tl.cdiv(T, C) + c) * L + i) * DK * DV + state, S_i, mask=m2)
             w = tl.sum(tl.where(rl[None, :] == i, lam_car, 0), axis=1)  # lam_t[slot_t(i)]  [C]
             out += w[:, None] * tl.dot(q_start, S_i)
             to = tl.sum(tl.where(rl == i, car_end, 0), axis=0)
@@ -94,8 +96,9 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, T, H, scale,
         tl.debug_barrier()  # the next chunk reads what this one wrote
 
 
-def chunk_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size):
-    """Outputs [B, T, H, Dv] and the final states [B, H, L, Dk, Dv] of a block (shapes of `dla_chunk`)."""
+def chunk_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size, starts=None):
+    """Outputs [B, T, H, Dv] and the final states [B, H, L, Dk, Dv] of a block (shapes of `dla_chunk`);
+    with ``starts`` [B, H, #chunks, L, Dk, Dv] float32, also the states at every chunk start."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], S.shape[2]
     if T == 0:
@@ -106,7 +109,129 @@ def chunk_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size):
     o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=q.device)
     c = lambda x: x.to(torch.float32).contiguous()
     chunk_fwd_kernel[(B * H, triton.cdiv(Dv, BV))](
-        c(q), c(k), c(v), c(g), c(g if beta is None else beta), c(lam), sigma.contiguous(), work, o, T, H,
-        float(scale), L=L, C=chunk_size, DK=Dk, DV=Dv, BK=BK, BV=BV, BL=triton.next_power_of_2(L),
-        DELTA=beta is not None)
+        c(q), c(k), c(v), c(g), c(g if beta is None else beta), c(lam), sigma.contiguous(), work, o,
+        o if starts is None else starts, T, H, float(scale), L=L, C=chunk_size, DK=Dk, DV=Dv, BK=BK, BV=BV,
+        BL=triton.next_power_of_2(L), DELTA=beta is not None, STORE=starts is not None)
     return o, work[:, :, triton.cdiv(T, chunk_size) % 2].to(S.dtype)
+
+
+@triton.jit
+def chunk_bwd_kernel(q, k, v, g, lam, sigma, starts, do, dwork, dq, dk, dv, dg, dlam, T, H, scale,
+                     L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, BL: tl.constexpr):
+    """The backward of the diagonal transition's chunk math, chunks in reverse; one program per (row, head).
+    ``dwork`` [B, H, 2, L, Dk, Dv] holds the gradient of the states at the current chunk's end (buffer
+    #chunks % 2 on entry: the gradient of the final states) and receives the one at its start."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc, rk, rv, rl = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BL)
+    mk, mv = rk < DK, rv < DV
+    m2 = mk[:, None] & mv[None, :]
+    state = rk[:, None] * DV + rv[None, :]
+    size = L * DK * DV
+    causal = rc[:, None] >= rc[None, :]
+    NC = tl.cdiv(T, C)
+    for back in range(0, NC):
+        c = NC - 1 - back
+        rows = c * C + rc
+        mt = rows < T
+        last = tl.minimum(C, T - c * C) - 1
+        tok_rows = (i_b * T + rows) * H + i_h
+        mtk, mtv = mt[:, None] & mk[None, :], mt[:, None] & mv[None, :]
+        qc = tl.load(q + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
+        kc = tl.load(k + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
+        vc = tl.load(v + tok_rows[:, None] * DV + rv[None, :], mask=mtv, other=0)
+        doc = scale * tl.load(do + tok_rows[:, None] * DV + rv[None, :], mask=mtv, other=0)
+        lc = tl.load(lam + tok_rows[:, None] * L + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0)
+        cum = tl.cumsum(tl.load(g + tok_rows, mask=mt, other=0), axis=0)
+        end = tl.sum(tl.where(rc == last, cum, 0), axis=0)
+        gamma = tl.exp(cum)
+        ratio = tl.where(causal, tl.exp(cum[:, None] - cum[None, :]), 0)
+        to_end = tl.where(mt, tl.exp(end - cum), 0)
+        sig = sigma + (i_bh * T + rows[:, None]) * (L + C)
+        tok = tl.load(sig + L + rc[None, :], mask=mt[:, None], other=-1).to(tl.int32)
+        car = tl.load(sig + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0).to(tl.int32)
+        lam_tok = tl.where(tok >= 0, tl.gather(lc, tl.maximum(tok, 0), axis=1), 0)
+        lam_car = tl.gather(lc, car, axis=1)
+        # Inside the chunk: o += (Lambda * R * qk) v.
+        qk = tl.dot(qc, tl.trans(kc))
+        dov = tl.dot(doc, tl.trans(vc))  # dO_t . v_s
+        P = lam_tok * ratio
+        dq_c = tl.dot(P * dov, kc)
+        dk_c = tl.dot(tl.trans(P * dov), qc)
+        dv_c = tl.dot(tl.trans(P * qk), doc)
+        X = P * qk * dov
+        dcum = tl.sum(X, axis=1) - tl.sum(X, axis=0)
+        Y = ratio * qk * dov  # d o / d Lambda[t, s]
+        dl = tl.zeros([C, BL], dtype=tl.float32)
+        for l in range(0, L):
+            dl += tl.where(rl[None, :] == l, tl.sum(tl.where(tok == l, Y, 0), axis=1)[:, None], 0)
+        src = dwork + (i_bh * 2 + (c + 1) % 2) * size  # d states at the chunk end
+        dst = dwork + (i_bh * 2 + c % 2) * size  # d states at the chunk start
+        car_end = tl.sum(tl.where(rc[:, None] == last, car, 0), axis=0)
+        tok_end = tl.sum(tl.where(rc[:, None] == last, tok, 0), axis=0)
+        dend = 0.0
+        # The tokens written: S_end[m] += sum_s [slot(s) = m] (gamma_end / gamma_s) k_s v_s^T.
+        for m in range(0, L):
+            dS_m = tl.load(src + m * DK * DV + state, mask=m2, other=0)
+            e = tl.where(tok_end == m, to_end, 0)
+            Z = tl.dot(vc, tl.trans(dS_m))  # row s: dS_m v_s  [C, BK]
+            dk_c += e[:, None] * Z
+            dv_c += e[:, None] * tl.dot(kc, dS_m)
+            W = e * tl.sum(kc * Z, axis=1)
+            dend += tl.sum(W, axis=0)
+            dcum -= W
+        # The carried states: o += Lambda_car gamma q^T S_i, and S_end[dest(i)] += gamma_end S_i.
+        for i in range(0, L):
+            S_i = tl.load(starts + ((i_bh * NC + c) * L + i) * DK * DV + state, mask=m2, other=0)
+            to = tl.sum(tl.where(rl == i, car_end, 0), axis=0)
+            dS_to = tl.load(src + to * DK * DV + state, mask=m2, other=0)
+            w = tl.sum(tl.where(rl[None, :] == i, lam_car, 0), axis=1)
+            SdO = tl.dot(doc, tl.trans(S_i))  # row t: S_i dO_t  [C, BK]
+            dq_c += (w * gamma)[:, None] * SdO
+            y = gamma * tl.sum(qc * SdO, axis=1)
+            dcum += w * y
+            slot = tl.sum(tl.where(rl[None, :] == i, car, 0), axis=1)
+            dl += tl.where(rl[None, :] == slot[:, None], y[:, None], 0)
+            dend += tl.exp(end) * tl.sum(tl.sum(dS_to * S_i, axis=1), axis=0)
+            dS_i = tl.exp(end) * dS_to + tl.dot(tl.trans((w * gamma)[:, None] * qc), doc)
+            tl.store(dst + i * DK * DV + state, dS_i, mask=m2)
+        dcum += tl.where(rc == last, dend, 0)
+        dg_c = tl.sum(tl.where(rc[None, :] >= rc[:, None], dcum[None, :], 0), axis=1)  # reverse cumsum
+        tl.store(dq + tok_rows[:, None] * DK + rk[None, :], dq_c, mask=mtk)
+        tl.store(dk + tok_rows[:, None] * DK + rk[None, :], dk_c, mask=mtk)
+        tl.store(dv + tok_rows[:, None] * DV + rv[None, :], dv_c, mask=mtv)
+        tl.store(dg + tok_rows, dg_c, mask=mt)
+        tl.store(dlam + tok_rows[:, None] * L + rl[None, :], dl, mask=mt[:, None] & (rl[None, :] < L))
+        tl.debug_barrier()  # the next (earlier) chunk reads the gradients this one wrote
+
+
+class FusedChunks(torch.autograd.Function):
+    """The diagonal transition's chunk math, forward and backward in Triton: (o, final states)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, lam, S, sigma, scale, chunk_size):
+        o, S_end = chunk_forward(q, k, v, g, lam, None, S, sigma, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, g, lam, S, sigma)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, S_end
+
+    @staticmethod
+    def backward(ctx, do, dS_end):
+        q, k, v, g, lam, S, sigma = ctx.saved_tensors
+        B, T, H, Dk = q.shape
+        Dv, L, C = v.shape[-1], S.shape[2], ctx.chunk_size
+        n = triton.cdiv(T, C)
+        starts = torch.empty(B, H, n, L, Dk, Dv, dtype=torch.float32, device=q.device)
+        chunk_forward(q, k, v, g, lam, None, S, sigma, ctx.scale, C, starts=starts)  # recompute the states
+        dwork = torch.empty(B, H, 2, L, Dk, Dv, dtype=torch.float32, device=q.device)
+        dwork[:, :, n % 2] = 0 if dS_end is None else dS_end
+        grads = [torch.empty(x.shape, dtype=torch.float32, device=q.device) for x in (q, k, v, g, lam)]
+        f32 = lambda x: x.to(torch.float32).contiguous()
+        chunk_bwd_kernel[(B * H,)](
+            f32(q), f32(k), f32(v), f32(g), f32(lam), sigma.contiguous(), starts,
+            f32(torch.zeros_like(v) if do is None else do), dwork, *grads, T, H, float(ctx.scale), L=L, C=C,
+            DK=Dk, DV=Dv, BK=max(16, triton.next_power_of_2(Dk)), BV=max(16, triton.next_power_of_2(Dv)),
+            BL=triton.next_power_of_2(L))
+        dS = dwork[:, :, 0].to(S.dtype)
+        return (*(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v, g, lam))), dS, None, None, None)
