@@ -14,9 +14,8 @@ from .reference import dla_reference
 
 
 def dla_triton(q, *args, **kw):
-    """The chunk path with Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): the decision scan; for
-    float32 the fused chunk forward, and for the diagonal transition its fused backward too (the delta
-    rule's gradients go through the PyTorch chunk math)."""
+    """The chunk path with Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): the decision scan, and
+    for float32 the fused chunk forward and backward (other dtypes use the PyTorch chunk math)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     from .triton import chunk, scan  # triton is imported only here: it is absent on macOS

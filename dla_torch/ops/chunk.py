@@ -37,9 +37,8 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
 
     ``decide`` computes the decisions (`scan` here, on the host; the Triton impl passes its kernel).
     ``forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size) -> (o, S)`` replaces the PyTorch chunk
-    math when no gradient is needed, and ``differentiable(q, k, v, g, lam, S, sigma, scale, chunk_size)``
-    (diagonal transition only) replaces each recomputed segment when one is (the Triton impl passes its
-    fused kernels).
+    math when no gradient is needed, and ``differentiable(q, k, v, g, lam, beta, S, sigma, scale,
+    chunk_size)`` replaces each recomputed segment when one is (the Triton impl passes its fused kernels).
     """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
@@ -60,9 +59,9 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
         for first in range(0, len(chunks), per):
             seg = chunks[first : first + per]
             s0, s1 = seg[0][0], seg[-1][1]
-            if differentiable is not None and beta is None:
-                o, S = differentiable(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1], S,
-                                      sigma[:, :, s0:s1], scale, chunk_size)
+            if differentiable is not None:
+                o, S = differentiable(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
+                                      _part(beta, s0, s1), S, sigma[:, :, s0:s1], scale, chunk_size)
             else:
                 o, S = checkpoint(_run_chunks, q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
                                   _part(beta, s0, s1), S, [(a - s0, b - s0) for a, b in seg], sigma[:, :, s0:s1],

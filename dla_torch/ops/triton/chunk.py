@@ -116,12 +116,13 @@ def chunk_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size, starts=Non
 
 
 @triton.jit
-def chunk_bwd_kernel(q, k, v, g, lam, sigma, starts, do, dwork, dq, dk, dv, dg, dlam, T, H, scale,
+def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv, dg, dbeta, dlam, T, H, scale,
                      L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, BL: tl.constexpr):
-    """The backward of the diagonal transition's chunk math, chunks in reverse; one program per (row, head).
-    ``dwork`` [B, H, 2, L, Dk, Dv] holds the gradient of the states at the current chunk's end (buffer
-    #chunks % 2 on entry: the gradient of the final states) and receives the one at its start."""
+                     BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr):
+    """The backward of the chunk math, chunks in reverse; one program per (row, head). ``dwork``
+    [B, H, 2, L, Dk, Dv] holds the gradient of the states at the current chunk's end (buffer #chunks % 2 on
+    entry: the gradient of the final states) and receives the one at its start. Notation of the forward:
+    q~ the queries carried to the chunk start, kappa the keys carried to its end, G = Gamma K."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     rc, rk, rv, rl = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BL)
@@ -148,21 +149,37 @@ def chunk_bwd_kernel(q, k, v, g, lam, sigma, starts, do, dwork, dq, dk, dv, dg, 
         gamma = tl.exp(cum)
         ratio = tl.where(causal, tl.exp(cum[:, None] - cum[None, :]), 0)
         to_end = tl.where(mt, tl.exp(end - cum), 0)
+        qk = tl.dot(qc, tl.trans(kc))
+        if DELTA:  # recompute the forward's A, q~, kappa and P_end
+            bc = tl.load(beta + tok_rows, mask=mt, other=0)
+            kk = tl.dot(kc, tl.trans(kc))
+            Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * kk, 0)
+            Ti = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+            for i in range(1, C):
+                t_row = tl.sum(tl.where(rc[:, None] == i, Tm, 0), axis=0)
+                Ti = tl.where(rc[:, None] == i, Ti - tl.sum(t_row[:, None] * Ti, axis=0)[None, :], Ti)
+            D = ratio * bc[None, :] * qk
+            A = tl.dot(D, Ti)
+            G = gamma[:, None] * kc
+            q_start = gamma[:, None] * qc - tl.dot(A, G)
+            W = (to_end * bc)[:, None] * kc
+            kappa = tl.dot(tl.trans(Ti), W)
+            eye = tl.where(rk[:, None] == rk[None, :], 1.0, 0.0)
+            P_end = tl.exp(end) * eye - tl.dot(tl.trans(kappa), G)
+        else:
+            A = ratio * qk
+            q_start = gamma[:, None] * qc
+            kappa = to_end[:, None] * kc
         sig = sigma + (i_bh * T + rows[:, None]) * (L + C)
         tok = tl.load(sig + L + rc[None, :], mask=mt[:, None], other=-1).to(tl.int32)
         car = tl.load(sig + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0).to(tl.int32)
         lam_tok = tl.where(tok >= 0, tl.gather(lc, tl.maximum(tok, 0), axis=1), 0)
         lam_car = tl.gather(lc, car, axis=1)
-        # Inside the chunk: o += (Lambda * R * qk) v.
-        qk = tl.dot(qc, tl.trans(kc))
+        # Inside the chunk: o += (Lambda * A) v.
         dov = tl.dot(doc, tl.trans(vc))  # dO_t . v_s
-        P = lam_tok * ratio
-        dq_c = tl.dot(P * dov, kc)
-        dk_c = tl.dot(tl.trans(P * dov), qc)
-        dv_c = tl.dot(tl.trans(P * qk), doc)
-        X = P * qk * dov
-        dcum = tl.sum(X, axis=1) - tl.sum(X, axis=0)
-        Y = ratio * qk * dov  # d o / d Lambda[t, s]
+        dA = lam_tok * dov
+        dv_c = tl.dot(tl.trans(lam_tok * A), doc)
+        Y = A * dov  # d o / d Lambda[t, s]
         dl = tl.zeros([C, BL], dtype=tl.float32)
         for l in range(0, L):
             dl += tl.where(rl[None, :] == l, tl.sum(tl.where(tok == l, Y, 0), axis=1)[:, None], 0)
@@ -170,68 +187,107 @@ def chunk_bwd_kernel(q, k, v, g, lam, sigma, starts, do, dwork, dq, dk, dv, dg, 
         dst = dwork + (i_bh * 2 + c % 2) * size  # d states at the chunk start
         car_end = tl.sum(tl.where(rc[:, None] == last, car, 0), axis=0)
         tok_end = tl.sum(tl.where(rc[:, None] == last, tok, 0), axis=0)
-        dend = 0.0
-        # The tokens written: S_end[m] += sum_s [slot(s) = m] (gamma_end / gamma_s) k_s v_s^T.
+        dkappa = tl.zeros([C, BK], dtype=tl.float32)
+        # The tokens written: S_end[m] += sum_s [slot(s) = m] kappa_s v_s^T.
         for m in range(0, L):
             dS_m = tl.load(src + m * DK * DV + state, mask=m2, other=0)
-            e = tl.where(tok_end == m, to_end, 0)
-            Z = tl.dot(vc, tl.trans(dS_m))  # row s: dS_m v_s  [C, BK]
-            dk_c += e[:, None] * Z
-            dv_c += e[:, None] * tl.dot(kc, dS_m)
-            W = e * tl.sum(kc * Z, axis=1)
-            dend += tl.sum(W, axis=0)
-            dcum -= W
-        # The carried states: o += Lambda_car gamma q^T S_i, and S_end[dest(i)] += gamma_end S_i.
+            e = tl.where(tok_end == m, 1.0, 0.0)
+            dkappa += e[:, None] * tl.dot(vc, tl.trans(dS_m))  # row s: dS_m v_s
+            dv_c += e[:, None] * tl.dot(kappa, dS_m)
+        # The carried states: o += Lambda_car q~^T S_i, and S_end[dest(i)] += P_end S_i.
+        dq_start = tl.zeros([C, BK], dtype=tl.float32)
+        dP = tl.zeros([BK, BK], dtype=tl.float32)  # d P_end (its trace is all the diagonal case needs)
         for i in range(0, L):
             S_i = tl.load(starts + ((i_bh * NC + c) * L + i) * DK * DV + state, mask=m2, other=0)
             to = tl.sum(tl.where(rl == i, car_end, 0), axis=0)
             dS_to = tl.load(src + to * DK * DV + state, mask=m2, other=0)
             w = tl.sum(tl.where(rl[None, :] == i, lam_car, 0), axis=1)
             SdO = tl.dot(doc, tl.trans(S_i))  # row t: S_i dO_t  [C, BK]
-            dq_c += (w * gamma)[:, None] * SdO
-            y = gamma * tl.sum(qc * SdO, axis=1)
-            dcum += w * y
+            dq_start += w[:, None] * SdO
             slot = tl.sum(tl.where(rl[None, :] == i, car, 0), axis=1)
-            dl += tl.where(rl[None, :] == slot[:, None], y[:, None], 0)
-            dend += tl.exp(end) * tl.sum(tl.sum(dS_to * S_i, axis=1), axis=0)
-            dS_i = tl.exp(end) * dS_to + tl.dot(tl.trans((w * gamma)[:, None] * qc), doc)
+            dl += tl.where(rl[None, :] == slot[:, None], tl.sum(q_start * SdO, axis=1)[:, None], 0)
+            dP += tl.dot(dS_to, tl.trans(S_i))
+            if DELTA:
+                dS_i = tl.dot(tl.trans(P_end), dS_to)
+            else:
+                dS_i = tl.exp(end) * dS_to
+            dS_i += tl.dot(tl.trans(w[:, None] * q_start), doc)
             tl.store(dst + i * DK * DV + state, dS_i, mask=m2)
+        dend = tl.exp(end) * tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dP, 0), axis=1), axis=0)  # gamma_end tr(dP)
+        dq_c = gamma[:, None] * dq_start
+        dcum = gamma * tl.sum(qc * dq_start, axis=1)
+        if DELTA:
+            dkappa -= tl.dot(G, tl.trans(dP))
+            dG = -tl.dot(kappa, dP) - tl.dot(tl.trans(A), dq_start)
+            dA -= tl.dot(dq_start, tl.trans(G))
+            dk_c = gamma[:, None] * dG
+            dcum += gamma * tl.sum(kc * dG, axis=1)
+            dD = tl.dot(dA, tl.trans(Ti))
+            dTi = tl.dot(tl.trans(D), dA) + tl.dot(W, tl.trans(dkappa))
+            dW = tl.dot(Ti, dkappa)
+            dTm = tl.where(rc[:, None] > rc[None, :], -tl.dot(tl.dot(tl.trans(Ti), dTi), tl.trans(Ti)), 0)
+            U = dTm * ratio * bc[None, :]
+            dk_c += tl.dot(U, kc) + tl.dot(tl.trans(U), kc)
+            V2 = dD * ratio * bc[None, :]
+            dq_c += tl.dot(V2, kc)
+            dk_c += tl.dot(tl.trans(V2), qc)
+            dbeta_c = tl.sum(dTm * ratio * kk, axis=0) + tl.sum(dD * ratio * qk, axis=0)
+            X = dTm * Tm + dD * D
+            dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
+            kdW = tl.sum(kc * dW, axis=1)
+            dk_c += (to_end * bc)[:, None] * dW
+            dbeta_c += to_end * kdW
+            t_end = to_end * bc * kdW
+        else:
+            dR = dA * ratio
+            dq_c += tl.dot(dR, kc)
+            dk_c = tl.dot(tl.trans(dR), qc)
+            X = dA * A
+            dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
+            dk_c += to_end[:, None] * dkappa
+            t_end = to_end * tl.sum(kc * dkappa, axis=1)
+        dend += tl.sum(t_end, axis=0)
+        dcum -= t_end
         dcum += tl.where(rc == last, dend, 0)
         dg_c = tl.sum(tl.where(rc[None, :] >= rc[:, None], dcum[None, :], 0), axis=1)  # reverse cumsum
         tl.store(dq + tok_rows[:, None] * DK + rk[None, :], dq_c, mask=mtk)
         tl.store(dk + tok_rows[:, None] * DK + rk[None, :], dk_c, mask=mtk)
         tl.store(dv + tok_rows[:, None] * DV + rv[None, :], dv_c, mask=mtv)
         tl.store(dg + tok_rows, dg_c, mask=mt)
+        if DELTA:
+            tl.store(dbeta + tok_rows, dbeta_c, mask=mt)
         tl.store(dlam + tok_rows[:, None] * L + rl[None, :], dl, mask=mt[:, None] & (rl[None, :] < L))
         tl.debug_barrier()  # the next (earlier) chunk reads the gradients this one wrote
 
 
 class FusedChunks(torch.autograd.Function):
-    """The diagonal transition's chunk math, forward and backward in Triton: (o, final states)."""
+    """The chunk math, forward and backward in Triton: (o, final states). ``beta`` None: the diagonal
+    transition."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, lam, S, sigma, scale, chunk_size):
-        o, S_end = chunk_forward(q, k, v, g, lam, None, S, sigma, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, g, lam, S, sigma)
+    def forward(ctx, q, k, v, g, lam, beta, S, sigma, scale, chunk_size):
+        o, S_end = chunk_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, g, lam, beta, S, sigma)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, S_end
 
     @staticmethod
     def backward(ctx, do, dS_end):
-        q, k, v, g, lam, S, sigma = ctx.saved_tensors
+        q, k, v, g, lam, beta, S, sigma = ctx.saved_tensors
         B, T, H, Dk = q.shape
         Dv, L, C = v.shape[-1], S.shape[2], ctx.chunk_size
         n = triton.cdiv(T, C)
         starts = torch.empty(B, H, n, L, Dk, Dv, dtype=torch.float32, device=q.device)
-        chunk_forward(q, k, v, g, lam, None, S, sigma, ctx.scale, C, starts=starts)  # recompute the states
+        chunk_forward(q, k, v, g, lam, beta, S, sigma, ctx.scale, C, starts=starts)  # recompute the states
         dwork = torch.empty(B, H, 2, L, Dk, Dv, dtype=torch.float32, device=q.device)
         dwork[:, :, n % 2] = 0 if dS_end is None else dS_end
-        grads = [torch.empty(x.shape, dtype=torch.float32, device=q.device) for x in (q, k, v, g, lam)]
+        inputs = (q, k, v, g, g if beta is None else beta, lam)
+        grads = [torch.empty(x.shape, dtype=torch.float32, device=q.device) for x in inputs]
         f32 = lambda x: x.to(torch.float32).contiguous()
         chunk_bwd_kernel[(B * H,)](
-            f32(q), f32(k), f32(v), f32(g), f32(lam), sigma.contiguous(), starts,
+            *map(f32, inputs[:5]), f32(lam), sigma.contiguous(), starts,
             f32(torch.zeros_like(v) if do is None else do), dwork, *grads, T, H, float(ctx.scale), L=L, C=C,
             DK=Dk, DV=Dv, BK=max(16, triton.next_power_of_2(Dk)), BV=max(16, triton.next_power_of_2(Dv)),
-            BL=triton.next_power_of_2(L))
-        dS = dwork[:, :, 0].to(S.dtype)
-        return (*(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v, g, lam))), dS, None, None, None)
+            BL=triton.next_power_of_2(L), DELTA=beta is not None)
+        dq, dk, dv, dg, dbeta, dlam = (gr.to(x.dtype) for gr, x in zip(grads, inputs))
+        return dq, dk, dv, dg, dlam, None if beta is None else dbeta, dwork[:, :, 0].to(S.dtype), None, None, None
