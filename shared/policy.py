@@ -25,6 +25,10 @@ import numpy as np
 from .config import DLAConfig
 
 
+# The policies' numbers in the kernels (Triton and Metal).
+POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}
+
+
 class Step(NamedTuple):
     dest: np.ndarray  # int [L]: new slot of each old slot
     opened: bool  # the token opened a new state
@@ -77,6 +81,15 @@ def step(config: DLAConfig, n: np.ndarray, ibar: np.ndarray, pos: int, score: fl
         merge_slot = i + 1
     # Shift everything one slot older; the last slot is empty here unless a merge freed one.
     return Step(np.minimum(dest + 1, L - 1), True, merge_slot)
+
+
+def check_levels(config: DLAConfig, last_pos: int) -> None:
+    """For kernels, which cannot raise: refuse on the host a fenwick cache whose levels cannot hold the
+    positions a block reaches (``last_pos``: the largest position after it), as `step` would."""
+    L = config.num_slots
+    if config.policy == "fenwick" and last_pos > 2 ** (L - 1):
+        raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
+                         f"position {2 ** (L - 1)} needs a larger DLAConfig.capacity")
 
 
 def opens(config: DLAConfig, pos, score):

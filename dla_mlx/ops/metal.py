@@ -18,13 +18,12 @@ from importlib import resources
 from typing import NamedTuple
 
 import mlx.core as mx
-import numpy as np
 
+from dla_shared import policy
 from dla_shared.state import DLAState
 
 from .chunk import dla_chunk
 
-POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}
 MERGE_IDS = {"oldest": 0, "density": 1}
 SCORE_IDS = {"token_drift": 0, "state_drift": 1}
 HEADER = "dla_common.h"
@@ -98,16 +97,9 @@ def scan_launch(config, k, v, g, beta, active, X, n, ibar, pos, chunk_size) -> L
 
 
 def _template(config, Dk, Dv, L, H, nsg, delta):
-    return [("Dk", Dk), ("Dv", Dv), ("L", L), ("H", H), ("NSG", nsg), ("POLICY", POLICY_IDS[config.policy]),
-            ("MERGE", MERGE_IDS[config.merge]), ("SCORE", SCORE_IDS[config.score]), ("DELTA", delta)]
-
-
-def check_levels(config, pos_after):
-    """The kernels cannot raise: refuse on the host a fenwick cache too small for the positions it will see."""
-    L = config.num_slots
-    if config.policy == "fenwick" and int(np.max(np.asarray(pos_after), initial=0)) > 2 ** (L - 1):
-        raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
-                         f"position {2 ** (L - 1)} needs a larger DLAConfig.capacity")
+    return [("Dk", Dk), ("Dv", Dv), ("L", L), ("H", H), ("NSG", nsg),
+            ("POLICY", policy.POLICY_IDS[config.policy]), ("MERGE", MERGE_IDS[config.merge]),
+            ("SCORE", SCORE_IDS[config.score]), ("DELTA", delta)]
 
 
 def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
@@ -116,7 +108,7 @@ def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     k, v, g = (mx.stop_gradient(x) for x in (k, v, g))
     beta = None if beta is None else mx.stop_gradient(beta)
     pos = state.pos + active.astype(mx.int64).sum(-1)
-    check_levels(config, pos)
+    policy.check_levels(config, int(pos.max()) if pos.size else 0)
     sigma, n, ibar = run(scan_launch(config, k, v, g, beta, active, state.S[:, :, 0], state.n, state.ibar,
                                      state.pos, chunk_size))
     return sigma.astype(mx.int32), (n.astype(mx.int64), ibar.astype(state.S.dtype), pos)
@@ -131,7 +123,7 @@ def dla_metal(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         return dla_chunk(q, k, v, g, lam, beta, mask, state, config=config, scale=scale, decide=scan)
     active = mx.ones((B,), dtype=mx.bool_) if mask is None else mask[:, 0]
     pos = state.pos + active.astype(mx.int64)
-    check_levels(config, pos)
+    policy.check_levels(config, int(pos.max()) if pos.size else 0)
     first = lambda x: None if x is None else x[:, 0]
     o, S, n, ibar = run(decode_launch(config, q[:, 0], k[:, 0], v[:, 0], g[:, 0], lam[:, 0], first(beta), active,
                                       state, scale))

@@ -18,6 +18,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _unit_lower_inverse(Tm, rc, C: tl.constexpr):
+    """(I + Tm)^-1 for a strictly lower triangular Tm [C, C], row by row (forward substitution)."""
+    Ti = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    for i in range(1, C):
+        t_row = tl.sum(tl.where(rc[:, None] == i, Tm, 0), axis=0)
+        Ti = tl.where(rc[:, None] == i, Ti - tl.sum(t_row[:, None] * Ti, axis=0)[None, :], Ti)
+    return Ti
+
+
+@triton.jit
 def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
                      L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr, STORE: tl.constexpr):
@@ -48,10 +58,7 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
         if DELTA:
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
             Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * tl.dot(kc, tl.trans(kc)), 0)
-            Ti = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)  # (I + Tm)^-1, row by row
-            for i in range(1, C):
-                t_row = tl.sum(tl.where(rc[:, None] == i, Tm, 0), axis=0)
-                Ti = tl.where(rc[:, None] == i, Ti - tl.sum(t_row[:, None] * Ti, axis=0)[None, :], Ti)
+            Ti = _unit_lower_inverse(Tm, rc, C)
             A = tl.dot(ratio * bc[None, :] * qk, Ti)
             q_start = gamma[:, None] * qc - tl.dot(A, gamma[:, None] * kc)
             kappa = tl.dot(tl.trans(Ti), (to_end * bc)[:, None] * kc)
@@ -154,10 +161,7 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
             kk = tl.dot(kc, tl.trans(kc))
             Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * kk, 0)
-            Ti = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-            for i in range(1, C):
-                t_row = tl.sum(tl.where(rc[:, None] == i, Tm, 0), axis=0)
-                Ti = tl.where(rc[:, None] == i, Ti - tl.sum(t_row[:, None] * Ti, axis=0)[None, :], Ti)
+            Ti = _unit_lower_inverse(Tm, rc, C)
             D = ratio * bc[None, :] * qk
             A = tl.dot(D, Ti)
             G = gamma[:, None] * kc
@@ -213,7 +217,8 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
                 dS_i = tl.exp(end) * dS_to
             dS_i += tl.dot(tl.trans(w[:, None] * q_start), doc)
             tl.store(dst + i * DK * DV + state, dS_i, mask=m2)
-        dend = tl.exp(end) * tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dP, 0), axis=1), axis=0)  # gamma_end tr(dP)
+        # d gamma_end: tr(dP) (gamma_end I in P_end, or in the diagonal case the whole carried term)
+        dend = tl.exp(end) * tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dP, 0), axis=1), axis=0)
         dq_c = gamma[:, None] * dq_start
         dcum = gamma * tl.sum(qc * dq_start, axis=1)
         if DELTA:

@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dla_shared import policy
 from dla_shared.config import DLAConfig
 from dla_shared.state import DLAState
 
-POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}
 
 
 @triton.jit
@@ -124,11 +124,7 @@ def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
     B, T, H, Dk = k.shape
     Dv, L = v.shape[-1], state.n.shape[-1]
     device = k.device
-    last = int((state.pos.to(device) + active.sum(1)).max()) if B else 0
-    if config.policy == "fenwick" and last > 2 ** (L - 1):
-        # The kernel cannot raise; the check and message of dla_shared.policy.step.
-        raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
-                         f"position {last - 1} needs a larger DLAConfig.capacity")
+    policy.check_levels(config, int((state.pos.to(device) + active.sum(1)).max()) if B else 0)
     dtype = state.S.dtype
     sigma = torch.empty(B, H, T, L + chunk_size, dtype=torch.int16, device=device)
     n = torch.empty(B, H, L, dtype=torch.int32, device=device)
@@ -141,7 +137,7 @@ def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
         sigma, n, ibar, pos, T, H, float(config.threshold), float(config.eps),
         L=L, C=chunk_size, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=triton.next_power_of_2(Dv),
         BL=triton.next_power_of_2(L), BS=triton.next_power_of_2(L + chunk_size),
-        POLICY=POLICY_IDS[config.policy], STATE_DRIFT=config.score == "state_drift",
+        POLICY=policy.POLICY_IDS[config.policy], STATE_DRIFT=config.score == "state_drift",
         OLDEST=config.merge == "oldest", BLOCK_SIZE=config.block_size, DELTA=beta is not None,
     )
     return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long())
