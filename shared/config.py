@@ -8,8 +8,12 @@ policy         ``single`` (one state), ``fenwick`` (Log-Linear's weak Fenwick le
                (information-aware boundaries plus capacity-bounded merging)
 capacity       K, the most states the cache holds (``fixed``, ``dla``); for ``fenwick``
                the number of levels, so sequences up to ``2**(capacity - 1)`` tokens
-threshold      tau: a ``dla`` boundary opens when the score is ``>= threshold``
-score          ``token_drift`` (default) or ``state_drift``, the two readings of Eq. 13
+threshold      tau: a ``dla`` boundary opens when the score is ``>= threshold``; one number
+               for every head, or a sequence of one number per head (``[H]``)
+target_rate    the share of tokens that should open a state, per head: training moves
+               each head's threshold toward it after every optimizer step, and
+               calibration sets it (``None``: keep the thresholds as given)
+score          ``state_drift`` (default) or ``token_drift``, the two readings of Eq. 13
 merge          which adjacent pair merges when the cache is full: ``density`` (least
                information density) or ``oldest`` (the two oldest states)
 block_size     the block length of the ``fixed`` policy
@@ -22,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+
+import numpy as np
 
 POLICIES = ("single", "fenwick", "fixed", "dla")
 SCORES = ("token_drift", "state_drift")
@@ -32,8 +39,9 @@ MERGES = ("density", "oldest")
 class DLAConfig:
     policy: str = "dla"
     capacity: int = 30
-    threshold: float = 0.6
-    score: str = "token_drift"
+    threshold: float | tuple[float, ...] = 0.6
+    target_rate: float | None = 0.125
+    score: str = "state_drift"
     merge: str | None = None
     block_size: int = 64
     eps: float = 1e-6
@@ -47,10 +55,15 @@ class DLAConfig:
         _check_choice("merge", self.merge, MERGES)
         _check_int("capacity", self.capacity, 1)
         _check_int("block_size", self.block_size, 1)
-        for name in ("threshold", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"DLAConfig.{name} must be a finite number, got {value!r}")
+        object.__setattr__(self, "capacity", int(self.capacity))
+        object.__setattr__(self, "block_size", int(self.block_size))
+        object.__setattr__(self, "threshold", _check_threshold(self.threshold))
+        object.__setattr__(self, "eps", _check_number("eps", self.eps))
+        if self.target_rate is not None:
+            rate = _check_number("target_rate", self.target_rate)
+            if not 0 < rate < 1:
+                raise ValueError(f"DLAConfig.target_rate must be in (0, 1) or None, got {self.target_rate!r}")
+            object.__setattr__(self, "target_rate", rate)
         if self.eps <= 0:
             raise ValueError(f"DLAConfig.eps must be > 0, got {self.eps!r}")
         if self.policy != "single" and self.capacity < 2:
@@ -62,8 +75,21 @@ class DLAConfig:
         """Read weights per head the op expects: ``lam.shape[-1]``."""
         return 1 if self.policy == "single" else self.capacity
 
+    def thresholds(self, num_heads: int) -> np.ndarray:
+        """The threshold of every head: float64 [num_heads]. A per-head threshold must have one value
+        per head of the op's input."""
+        if isinstance(self.threshold, tuple):
+            if len(self.threshold) != num_heads:
+                raise ValueError(f"DLAConfig.threshold has {len(self.threshold)} values, one per head, but the "
+                                 f"input has H = {num_heads} heads")
+            return np.array(self.threshold, np.float64)
+        return np.full(num_heads, self.threshold, np.float64)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(self.threshold, tuple):
+            data["threshold"] = list(self.threshold)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -89,8 +115,27 @@ def _check_choice(name, value, choices):
 
 
 def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"DLAConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"DLAConfig.{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_threshold(value) -> float | tuple[float, ...]:
+    """A number, or a sequence of numbers (one per head; a list, tuple or 1-D array) as a tuple."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) == 0 or any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x)
+                                  for x in np.asarray(value, object).ravel()) or np.ndim(value) != 1:
+            raise ValueError(f"DLAConfig.threshold must be a finite number or a non-empty sequence of finite "
+                             f"numbers (one per head), got {value!r}")
+        return tuple(float(x) for x in value)
+    return _check_number("threshold", value)
 
 
 def mlp_size(hidden_size: int, ratio: int = 4) -> int:

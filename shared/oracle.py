@@ -91,7 +91,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale=1
 
 
 def inspect(q, k, v, g, beta=None, *, config: DLAConfig, mask=None, initial_state=None, cu_seqlens=None) -> Trace:
-    """Run the cache over a sequence and report, per token and head, what it did (see `Trace`)."""
+    """Run the cache over a sequence and report, per token and head, what it did (see `Trace`).
+    With a per-head ``config.threshold``, head h opens where its score is >= threshold[h]."""
     return _run(q, k, v, g, None, beta, config, 1.0, mask, initial_state, cu_seqlens)[2]
 
 
@@ -104,10 +105,10 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
     q, k, v, g, lam, beta = map(f64, (q, k, v, g, lam, beta))
     lam = np.ones((B, T, H, L)) if lam is None else lam
     beta_of = (lambda b, t, h: 1.0) if beta is None else (lambda b, t, h: beta[b, t, h])
-    if initial_state is None:
-        initial_state = DLAState(np.zeros((N, H, L, Dk, Dv)), np.zeros((N, H, L), np.int64),
-                                 np.zeros((N, H, L)), np.zeros(N, np.int64))
-    init = {f.name: np.asarray(getattr(initial_state, f.name)) for f in dataclasses.fields(DLAState)}
+    empty = lambda: DLAState(np.zeros((N, H, L, Dk, Dv)), np.zeros((N, H, L), np.int64), np.zeros((N, H, L)),
+                             np.zeros(N, np.int64), np.zeros((N, H), np.int64))
+    init = {f: np.asarray(getattr(initial_state or empty(), f)) for f in DLAState.FIELDS}
+    thresholds = config.thresholds(H)
 
     # Each sequence: (row, first token, end); with cu_seqlens all sit in row 0.
     if cu_seqlens is None:
@@ -116,14 +117,15 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
         sequences = [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
 
     o = np.zeros((B, T, H, Dv))
-    final = DLAState(np.zeros((N, H, L, Dk, Dv)), np.zeros((N, H, L), np.int64), np.zeros((N, H, L)),
-                     np.zeros(N, np.int64))
+    final = empty()
     trace = Trace(np.full((B, T, H), np.nan), np.zeros((B, T, H), bool), np.full((B, T, H), -1),
                   np.zeros((B, T, H, L), np.int64), np.full((B, T), -1))
     for i, (b, start, end) in enumerate(sequences):
         for h in range(H):
+            head_config = dataclasses.replace(config, threshold=float(thresholds[h]))
             S = init["S"][i, h].astype(np.float64)
             n, ibar, pos = init["n"][i, h].astype(np.int64), init["ibar"][i, h].astype(np.float64), int(init["pos"][i])
+            opened = int(init["opened"][i, h])
             for t in range(start, end):
                 if mask is not None and not mask[b, t]:
                     trace.n[b, t, h] = n
@@ -137,7 +139,8 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
                     S = np.exp(g[b, t, h]) * (S - bt * kk @ S)
                 token = bt * np.outer(k[b, t, h], v[b, t, h])
                 score = _score(config, S[0], token) if n.any() else 0.0
-                s = policy.step(config, n, ibar, pos, score)
+                s = policy.step(head_config, n, ibar, pos, score)
+                opened += s.opened and pos > 0
                 S, n, ibar = (policy.apply(s.dest, x) for x in (S, n, ibar))
                 S[0] += token
                 n[0] += 1
@@ -147,7 +150,7 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
                 trace.n[b, t, h] = n
                 trace.pos[b, t] = pos
                 pos += 1
-            final.S[i, h], final.n[i, h], final.ibar[i, h], final.pos[i] = S, n, ibar, pos
+            final.S[i, h], final.n[i, h], final.ibar[i, h], final.pos[i], final.opened[i, h] = S, n, ibar, pos, opened
     return o, final, trace
 
 

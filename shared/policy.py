@@ -93,14 +93,16 @@ def check_levels(config: DLAConfig, last_pos: int) -> None:
 
 
 def opens(config: DLAConfig, pos, score):
-    """Whether a token opens a state in a non-empty cache (numpy arrays or scalars, broadcast)."""
+    """Whether a token opens a state in a non-empty cache (numpy arrays or scalars, broadcast; with a
+    per-head threshold, ``score``'s last axis is the head)."""
     if config.policy == "single":
         return np.zeros(np.broadcast(pos, score).shape, bool)
     if config.policy == "fenwick":
         return np.ones(np.broadcast(pos, score).shape, bool)
     if config.policy == "fixed":
         return np.broadcast_to(pos % config.block_size == 0, np.broadcast(pos, score).shape)
-    return np.broadcast_to(score >= config.threshold, np.broadcast(pos, score).shape)
+    # A per-head threshold [H] meets the score's last axis, its heads.
+    return np.broadcast_to(score >= np.asarray(config.threshold), np.broadcast(pos, score).shape)
 
 
 def apply(dest: np.ndarray, x: np.ndarray) -> np.ndarray:

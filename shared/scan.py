@@ -13,14 +13,15 @@ from . import policy
 from .config import DLAConfig
 
 
-def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, chunk_size: int):
+def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size: int):
     """Decide every token of a [B, T] block.
 
     k [B, T, H, Dk], v [B, T, H, Dv], g and beta (or None) [B, T, H], active bool [B, T]; X [B, H, Dk, Dv]
-    the newest state (slot 0) before the block, n / ibar [B, H, L] and pos [B] the bookkeeping. Computes
-    in X's dtype. Returns ``sigma`` int16 [B, H, T, L + C]: after token t, the slot of each state carried
-    into t's chunk (columns < L) and of each of the chunk's tokens (column L + s; -1 until written);
-    and the bookkeeping (n, ibar, pos) after the block.
+    the newest state (slot 0) before the block, n / ibar [B, H, L], pos [B] and opened [B, H] the
+    bookkeeping (`DLAState`); a per-head ``config.threshold`` has H values. Computes in X's dtype. Returns
+    ``sigma`` int16 [B, H, T, L + C]: after token t, the slot of each state carried into t's chunk
+    (columns < L) and of each of the chunk's tokens (column L + s; -1 until written); and the bookkeeping
+    (n, ibar, pos, opened) after the block.
     """
     B, T, H, _ = k.shape
     L, C = n.shape[-1], chunk_size
@@ -45,6 +46,7 @@ def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, chunk_size: 
         score = policy.score_from_terms(config, *terms, size)
         on = active[:, t]
         plan = policy.plan(config, n, ibar, pos, score, on)
+        opened = opened + (plan.opened & (pos > 0)[:, None])
         n, ibar, pos = plan.n, plan.ibar, plan.pos
         X_new = np.where(plan.opened[..., None, None], token, S_new + token)
         X = np.where(on[:, None, None, None], X_new, X)
@@ -52,4 +54,4 @@ def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, chunk_size: 
         slot_of = np.where(slot_of >= 0, moved, -1)
         slot_of[on, :, L + t % C] = 0
         sigma[:, :, t] = slot_of
-    return sigma, (n, ibar, pos)
+    return sigma, (n, ibar, pos, opened)

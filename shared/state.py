@@ -8,6 +8,8 @@ S      [N, H, L, Dk, Dv]    the states, float32 (float64 for float64 inputs); sl
 n      [N, H, L] int64      tokens held by each slot, 0 = empty
 ibar   [N, H, L] float      sum of the information scores of each slot's tokens (dtype of S)
 pos    [N] int64            tokens each sequence has seen
+opened [N, H] int64         boundaries so far: tokens after each sequence's first that opened a
+                            state (its open rate is ``opened / (pos - 1)``)
 =====  ===================  ===============================================================
 
 N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states always sum
@@ -28,6 +30,9 @@ class DLAState:
     n: Any
     ibar: Any
     pos: Any
+    opened: Any
+
+    FIELDS = ("S", "n", "ibar", "pos", "opened")
 
     @property
     def num_states(self):
@@ -45,6 +50,7 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
     if len(q.shape) != 4:
         raise ValueError(f"q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
     B, T, H, Dk = q.shape
+    config.thresholds(H)  # a per-head threshold has one value per head
     if len(v.shape) != 4:
         raise ValueError(f"v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
     Dv = v.shape[-1]
@@ -90,6 +96,7 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             "n": (N, H, L),
             "ibar": (N, H, L),
             "pos": (N,),
+            "opened": (N, H),
         }
         for name, shape in shapes.items():
             got = tuple(getattr(initial_state, name).shape)
