@@ -56,7 +56,7 @@ def to_torch(x, dtype=torch.float64, requires_grad=False):
         return [to_torch(v, dtype, requires_grad) for v in x]
     if isinstance(x, DLAState):
         return DLAState(to_torch(x.S, dtype, requires_grad), torch.tensor(np.asarray(x.n)),
-                        to_torch(x.ibar, dtype), torch.tensor(np.asarray(x.pos)))
+                        to_torch(x.ibar, dtype), torch.tensor(np.asarray(x.pos)), torch.tensor(np.asarray(x.opened)))
     return torch.tensor(np.asarray(x), dtype=dtype, requires_grad=requires_grad)
 
 
@@ -69,7 +69,7 @@ def to_mlx(x, dtype=mx.float64):
         return [to_mlx(v, dtype) for v in x]
     if isinstance(x, DLAState):
         return DLAState(to_mlx(x.S, dtype), mx.array(np.asarray(x.n)), to_mlx(x.ibar, dtype),
-                        mx.array(np.asarray(x.pos)))
+                        mx.array(np.asarray(x.pos)), mx.array(np.asarray(x.opened)))
     return mx.array(np.asarray(x), dtype=dtype)
 
 
@@ -77,7 +77,7 @@ def to_numpy(x):
     if x is None:
         return None
     if isinstance(x, DLAState):
-        return DLAState(*(to_numpy(getattr(x, f)) for f in ("S", "n", "ibar", "pos")))
+        return DLAState(*(to_numpy(getattr(x, f)) for f in DLAState.FIELDS))
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
@@ -101,6 +101,7 @@ def assert_states_close(ref: DLAState, x: DLAState, tol):
     ref, x = to_numpy(ref), to_numpy(x)
     np.testing.assert_array_equal(ref.n, x.n, err_msg="n")
     np.testing.assert_array_equal(ref.pos, x.pos, err_msg="pos")
+    np.testing.assert_array_equal(ref.opened, x.opened, err_msg="opened")
     assert_close("S", ref.S, x.S, tol)
     assert_close("ibar", ref.ibar, x.ibar, tol)
 
