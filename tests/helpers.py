@@ -16,9 +16,10 @@ POLICIES = ("single", "fenwick", "fixed", "dla")
 
 
 def config_for(policy: str, **overrides) -> DLAConfig:
-    """Small caches so that merging is exercised at test lengths."""
+    """Small caches so that merging is exercised at test lengths; for ``dla`` a threshold at which the
+    default score (state_drift) opens states at about a third to two thirds of `make_inputs`' tokens."""
     defaults = {"single": {}, "fenwick": {"capacity": 12}, "fixed": {"capacity": 4, "block_size": 6},
-                "dla": {"capacity": 4}}[policy]
+                "dla": {"capacity": 4, "threshold": 0.3}}[policy]
     return DLAConfig(policy=policy, **{**defaults, **overrides})
 
 
