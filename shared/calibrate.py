@@ -37,7 +37,7 @@ def open_rates(config: DLAConfig, k, v, g, beta=None, mask=None, chunk_size: int
     return opened.sum(0) / max(tokens, 1)
 
 
-def fit_thresholds(config: DLAConfig, rate: float, k, v, g, beta=None, mask=None, steps: int = 30,
+def fit_thresholds(config: DLAConfig, rate: float, k, v, g, beta=None, mask=None, steps: int = 20,
                    progress=None) -> tuple[np.ndarray, np.ndarray]:
     """The threshold of every head whose open rate over the given sequences is closest to ``rate``.
 

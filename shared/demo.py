@@ -3,17 +3,21 @@
 Streams synthetic piecewise-constant key/value sequences (and a needle sequence) through the numpy
 oracle at the same state budget K, prints Theorem 3.1's deviation bound B(pi) of each policy's final
 partition (lower is better) and its needle recall (higher is better), and writes a PNG of the
-boundaries. Run ``dla-demo --help`` for the knobs.
+boundaries. DLA's threshold is calibrated per stream to the stream's share of change points (the
+target-rate reading of DESIGN section 2), unless ``--threshold`` gives an absolute one. Run
+``dla-demo --help`` for the knobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
 import numpy as np
 
+from .calibrate import fit_thresholds
 from .config import DLAConfig
 from .oracle import dla_attention, inspect
 from .plot import pyplot
@@ -22,14 +26,27 @@ from .synthetic import as_batch, deviation_bound, needle_recall, needle_stream, 
 POLICIES = ("dla", "fixed", "fenwick")
 
 
-def policy_config(policy: str, budget: int, T: int, threshold: float) -> DLAConfig:
+def policy_config(policy: str, budget: int, stream, g: float = 0.0, threshold: float | None = None,
+                  score: str = "state_drift") -> DLAConfig:
     """The three policies at one state budget: `fixed` splits T into `budget` equal blocks (no merges);
-    `fenwick` has as many levels as T needs (its number of states follows from T alone)."""
+    `fenwick` has as many levels as T needs (its number of states follows from T alone); `dla` opens
+    where its score reaches ``threshold``, or (None) a threshold calibrated to the stream's rate of
+    change points."""
+    T = len(stream.k)
     if policy == "fixed":
         return DLAConfig(policy="fixed", capacity=budget, block_size=math.ceil(T / budget))
     if policy == "fenwick":
         return DLAConfig(policy="fenwick", capacity=max(2, math.ceil(math.log2(T)) + 1))
-    return DLAConfig(policy="dla", capacity=budget, threshold=threshold)
+    config = DLAConfig(policy="dla", capacity=budget, score=score, threshold=0.6 if threshold is None else threshold)
+    return config if threshold is not None else calibrated(stream, config, g)
+
+
+def calibrated(stream, config: DLAConfig, g: float = 0.0) -> DLAConfig:
+    """``config`` with the threshold whose open rate is the stream's share of change points."""
+    x = as_batch(stream, g)
+    rate = (len(stream.change_points) - 1) / (len(stream.k) - 1)
+    threshold, _ = fit_thresholds(config, rate, x["k"], x["v"], x["g"])
+    return dataclasses.replace(config, threshold=float(threshold[0]))
 
 
 def run_policy(stream, config: DLAConfig, g: float = 0.0):
@@ -49,11 +66,11 @@ def evaluate(budgets, seeds, segments, length, dim, noise, g, threshold):
             bounds, recalls, states = [], [], []
             for seed in seeds:
                 stream = piecewise_stream(segments, length, dim, dim, noise, seed)
-                spans, _, _ = run_policy(stream, policy_config(policy, budget, len(stream.k), threshold), g)
+                spans, _, _ = run_policy(stream, policy_config(policy, budget, stream, g, threshold), g)
                 bounds.append(deviation_bound(stream.k, stream.v, spans))
                 states.append(len(spans))
                 needle, at = needle_stream(segments, length, dim, dim, noise, seed)
-                _, S, _ = run_policy(needle, policy_config(policy, budget, len(needle.k), threshold), g)
+                _, S, _ = run_policy(needle, policy_config(policy, budget, needle, g, threshold), g)
                 recalls.append(needle_recall(S, needle.k[at], needle.v[at]))
             rows.append({"budget": budget, "policy": policy, "states": float(np.mean(states)),
                          "B_pi": float(np.mean(bounds)), "needle_recall": float(np.mean(recalls))})
@@ -76,9 +93,9 @@ def plot(path, budget, segments, length, dim, noise, g, threshold, seed=0):
     fig, axes = plt.subplots(1 + len(POLICIES), 2, figsize=(13, 7), sharex="col",
                              gridspec_kw={"height_ratios": [1.4] + [1] * len(POLICIES)})
     for col, (title, s) in enumerate([("piecewise-constant stream", stream), (f"needle at t={at}", needle)]):
-        T = len(s.k)
         for policy, ax in zip(POLICIES, axes[1:, col]):
-            spans, _, trace = run_policy(s, policy_config(policy, budget, T, threshold), g)
+            config = policy_config(policy, budget, s, g, threshold)
+            spans, _, trace = run_policy(s, config, g)
             for i, (start, end) in enumerate(sorted(spans)):
                 ax.barh(0, end - start, left=start - 0.5, height=0.8, color=f"C{i % 10}", alpha=0.75,
                         edgecolor="black")
@@ -86,7 +103,8 @@ def plot(path, budget, segments, length, dim, noise, g, threshold, seed=0):
             ax.set_ylim(-0.6, 0.6)
             if policy == "dla":
                 axes[0, col].plot(trace.score[0, :, 0], ".-", color="black", lw=0.8, ms=3, label="score I_t")
-                axes[0, col].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold}")
+                axes[0, col].axhline(config.threshold, color="red", ls="--", lw=1,
+                                     label=f"threshold {config.threshold:.3g}")
         for ax in axes[:, col]:
             for cp in s.change_points:
                 ax.axvline(cp - 0.5, color="gray", ls=":", lw=0.8)
@@ -108,7 +126,8 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=16, help="head dims Dk = Dv")
     p.add_argument("--noise", type=float, default=0.02, help="relative noise within a segment")
     p.add_argument("--decay", type=float, default=-0.05, help="log decay g of every token (<= 0)")
-    p.add_argument("--threshold", type=float, default=0.6, help="DLA boundary threshold tau")
+    p.add_argument("--threshold", type=float, help="an absolute DLA threshold tau (default: calibrated per "
+                   "stream to its share of change points)")
     p.add_argument("--seeds", type=int, default=5, help="streams averaged per row")
     p.add_argument("--plot", default="dla_boundaries.png", help="where to write the PNG")
     p.add_argument("--json", help="also write the table as JSON here")
@@ -120,7 +139,7 @@ def main(argv=None):
     common = (args.segments, args.length, args.dim, args.noise, args.decay, args.threshold)
     rows = evaluate(args.budgets, range(args.seeds), *common)
     print(f"{args.seeds} streams of {args.segments} segments (~{args.length} tokens each), Dk = Dv = {args.dim}, "
-          f"g = {args.decay}, tau = {args.threshold}")
+          f"g = {args.decay}, tau = {'calibrated to the change points' if args.threshold is None else args.threshold}")
     print(format_table(rows))
     plot(args.plot, args.budgets[0], *common)
     print(f"wrote {args.plot}")
