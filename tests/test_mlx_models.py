@@ -15,6 +15,7 @@ from mlx_lm.models.cache import ArraysCache, load_prompt_cache, save_prompt_cach
 from safetensors.torch import load_file
 
 from dla_mlx.convert import load, main as convert_cli, mlx_to_torch, torch_to_mlx
+from dla_shared import DLAState
 from dla_torch.models import save_pretrained
 from helpers import WORDS, make_tokenizer
 from test_models import tiny
@@ -101,7 +102,7 @@ def test_left_padded_batch_equals_each_row_alone(tmp_path, tokenizer_dir):
     padded = np.zeros((2, 21), np.int64)
     for i, r in enumerate(rows):
         padded[i, 21 - len(r):] = r
-    cache = [ArraysCache(size=5, left_padding=[12, 0]) for _ in model.layers]
+    cache = [ArraysCache(size=model.conv_states + len(DLAState.FIELDS), left_padding=[12, 0]) for _ in model.layers]
     batch = np.array(model(mx.array(padded), cache=cache))
     step = np.array(model(mx.array([[3], [4]]), cache=cache))
     for i, r in enumerate(rows):

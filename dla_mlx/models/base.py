@@ -2,7 +2,7 @@
 
 The layer cache is a plain mlx-lm ``ArraysCache`` (so `mlx_lm.generate`, batch generation and prompt-cache
 files work unchanged) whose entries are the layer's convolution states followed by DLA's state:
-``[conv..., S, n, ibar, pos]`` (`DLAState`'s fields).
+``[conv..., S, n, ibar, pos, opened]`` (`DLAState.FIELDS`).
 """
 
 from __future__ import annotations
@@ -74,15 +74,15 @@ def read_weights(dl, L, normalized: bool):
 
 
 def get_state(cache, first: int):
-    """The DLAState kept in ``cache[first:first + 4]``, or None before the first call."""
+    """The DLAState kept in ``cache[first:first + 5]`` (`DLAState.FIELDS`), or None before the first call."""
     if cache is None or cache[first] is None:
         return None
-    return DLAState(*(cache[first + i] for i in range(4)))
+    return DLAState(*(cache[first + i] for i in range(len(DLAState.FIELDS))))
 
 
 def set_state(cache, first: int, state: DLAState):
-    for i, value in enumerate((state.S, state.n, state.ibar, state.pos)):
-        cache[first + i] = value
+    for i, field in enumerate(DLAState.FIELDS):
+        cache[first + i] = getattr(state, field)
 
 
 def offsets(sizes):
@@ -114,7 +114,7 @@ class CausalLM(nn.Module):
         return self.body.layers
 
     def make_cache(self, batch_size: int = 1):
-        return [ArraysCache(size=self.conv_states + 4) for _ in self.layers]
+        return [ArraysCache(size=self.conv_states + len(DLAState.FIELDS)) for _ in self.layers]
 
     def sanitize(self, weights):
         """Torch checkpoints store depthwise convolution weights [C, 1, W]; MLX's are [C, W, 1]. Idempotent."""
