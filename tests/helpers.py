@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from dla_shared import DLAConfig, DLAState
+from dla_shared import DLAConfig, DLAState, inspect
 
 NAMES = ("q", "k", "v", "g", "lam", "beta")
 POLICIES = ("single", "fenwick", "fixed", "dla")
@@ -46,6 +46,21 @@ def make_inputs(config: DLAConfig, B=2, T=37, H=3, Dk=5, Dv=7, delta=False, seed
         "lam": rng.random((B, T, H, config.num_slots)) + 0.5,
         "beta": rng.random((B, T, H)) if delta else None,
     }
+
+
+def head_thresholds(H: int, delta: bool) -> tuple[float, ...]:
+    """One state_drift threshold per head, rising from head 0 to head H - 1, so that `make_inputs`' heads
+    open at clearly different rates (head 0 at most tokens, the last at a few; `assert_rates_differ`)."""
+    return tuple(np.linspace(0.2, 0.9 if delta else 0.5, H).tolist())
+
+
+def assert_rates_differ(config: DLAConfig, x, **kw):
+    """The oracle's decisions on inputs ``x``: head 0's open rate (the share of the tokens after each
+    sequence's first that open a state) exceeds the last head's by more than 0.3, and the last head opens."""
+    trace = inspect(x["q"], x["k"], x["v"], x["g"], x["beta"], config=config, **kw)
+    counted = trace.pos > 0  # [B, T]: padding has pos -1
+    rates = (trace.opened & counted[..., None]).sum((0, 1)) / counted.sum()
+    assert rates[-1] > 0 and rates[0] > rates[-1] + 0.3, f"open rates per head {rates}"
 
 
 def to_torch(x, dtype=torch.float64, requires_grad=False):
