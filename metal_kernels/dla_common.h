@@ -18,9 +18,10 @@ inline float dla_score(float state_sq, float token_sq, float cross, float size, 
 }
 
 // One token's decisions: dest[j] is the new slot of old slot j (merges share one), and n / ibar [L]
-// become the bookkeeping after the token. Returns whether the token opened a state. Every thread of a
-// threadgroup calls this with the same arguments, so all of them hold the same decisions. The host has
-// checked that a fenwick cache has enough levels for the positions it will see.
+// become the bookkeeping after the token; threshold is the head's own. Returns whether the token opened
+// a state (a sequence's first token included). Every thread of a threadgroup calls this with the same
+// arguments, so all of them hold the same decisions. The host has checked that a fenwick cache has
+// enough levels for the positions it will see.
 template <int L, int POLICY, int MERGE>
 inline bool dla_plan(thread int* n, thread float* ibar, thread int* dest, int pos, float score, bool active,
                      int block_size, float threshold) {

@@ -2,9 +2,11 @@
 // policy's decisions, the merges, the write and the read. The mirror of `dla_mlx.ops.reference` for T = 1.
 // Launch: one threadgroup per (row, head), grid (32 * NSG, 1, B * H); thread j owns column j of every
 // state. States are float32 [B, H, L, Dk, Dv]; q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], lam [B, H, L],
-// n, ibar [B, H, L], pos, active [B]. Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA.
+// n, ibar [B, H, L], opened [B, H] (boundaries so far), pos, active [B], threshold [H] (one per head).
+// Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA.
 uint bh = threadgroup_position_in_grid.z;
 uint b = bh / H;
+uint h = bh % H;
 uint j = thread_position_in_threadgroup.x;
 bool col = j < Dv;
 bool on = active[b];
@@ -40,8 +42,9 @@ for (int i = 0; i < L; ++i) {
   n[i] = n_in[bh * L + i];
   ibar[i] = ibar_in[bh * L + i];
 }
-dla_plan<L, POLICY, MERGE>(n, ibar, dest, pos[b], score, on, block_size, threshold);
+bool opened = dla_plan<L, POLICY, MERGE>(n, ibar, dest, pos[b], score, on, block_size, threshold[h]);
 if (j == 0) {
+  opened_out[bh] = opened_in[bh] + (opened && pos[b] > 0 ? 1 : 0);  // a sequence's first token is no boundary
   for (int i = 0; i < L; ++i) {
     n_out[bh * L + i] = n[i];
     ibar_out[bh * L + i] = ibar[i];

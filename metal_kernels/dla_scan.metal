@@ -2,7 +2,8 @@
 // Launch: one threadgroup per (row, head), grid (32 * NSG, 1, B * H); thread j carries column j of the
 // newest state X [Dk, Dv] through the T tokens; all threads hold the same bookkeeping and decisions.
 // k [B, T, H, Dk], v [B, T, H, Dv], g, beta [B, T, H], active [B, T], X_in [B, H, Dk, Dv] float32,
-// n, ibar [B, H, L], pos [B]; out: sigma int16 [B, H, T, L + C] (see `dla_shared.scan`), n, ibar.
+// n, ibar [B, H, L], opened [B, H], pos [B], threshold [H] (one per head); out: sigma int16 [B, H, T, L + C]
+// (see `dla_shared.scan`), n, ibar, opened.
 // Templates: Dk, Dv, L, C, H, NSG, POLICY, MERGE, SCORE, DELTA.
 uint bh = threadgroup_position_in_grid.z;
 uint b = bh / H;
@@ -20,6 +21,7 @@ for (int i = 0; i < L; ++i) {
   ibar[i] = ibar_in[bh * L + i];
 }
 int p = pos[b];
+int boundaries = opened_in[bh];
 int slot_of[L + C];
 threadgroup float red[3 * NSG];
 for (int t = 0; t < T; ++t) {
@@ -45,7 +47,8 @@ for (int t = 0; t < T; ++t) {
     float k_sq = 0.0f;
     for (int r = 0; r < Dk; ++r) k_sq += k_[r] * k_[r];
     float score = dla_score<SCORE>(terms[0], k_sq * terms[2] * bt * bt, terms[1], float(Dk * Dv), eps);
-    bool opened = dla_plan<L, POLICY, MERGE>(n, ibar, dest, p, score, true, block_size, threshold);
+    bool opened = dla_plan<L, POLICY, MERGE>(n, ibar, dest, p, score, true, block_size, threshold[h]);
+    boundaries += opened && p > 0 ? 1 : 0;  // a sequence's first token is no boundary
     for (int r = 0; r < Dk; ++r) x[r] = (opened ? 0.0f : x[r]) + bt * k_[r] * vj;
     for (int i = 0; i < L + C; ++i) slot_of[i] = slot_of[i] >= 0 ? dest[slot_of[i]] : -1;
     slot_of[L + t % C] = 0;
@@ -55,6 +58,7 @@ for (int t = 0; t < T; ++t) {
   for (uint i = j; i < L + C; i += threads) row_out[i] = short(slot_of[i]);
 }
 if (j == 0) {
+  opened_out[bh] = boundaries;
   for (int i = 0; i < L; ++i) {
     n_out[bh * L + i] = n[i];
     ibar_out[bh * L + i] = ibar[i];

@@ -4,9 +4,10 @@
     python scripts/check_metal.py --emulate       # anywhere: the same checks through the CPU emulation
                                                   # harness of tests/metal_emu, at small sizes
 
-For each policy and transition: ``dla_scan`` against `dla_shared.scan` (decisions must be equal) and
-``dla_decode`` against the MLX reference for one token (relative RMS error of outputs and states). Prints a
-table and exits non-zero if any check fails.
+For each policy and transition: ``dla_scan`` against `dla_shared.scan` (decisions and open counts must be
+equal) and ``dla_decode`` against the MLX reference for one token (relative RMS error of outputs and states,
+bookkeeping equal). ``dla`` runs with a threshold per head, from 0.1 in the first head to 1 in the last. Prints
+a table and exits non-zero if any check fails.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from dla_mlx.ops.attention import empty_state
 from dla_shared import DLAConfig
 from dla_shared.scan import scan as shared_scan
 
-POLICIES = {"single": {}, "fenwick": {"capacity": 16}, "fixed": {"block_size": 64}, "dla": {}}
+def configs(H):
+    """Each policy's config at H heads."""
+    return {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=16),
+            "fixed": DLAConfig(policy="fixed", block_size=64),
+            "dla": DLAConfig(policy="dla", threshold=tuple(np.geomspace(0.1, 1.0, H).tolist()))}
 
 
 def rel_rms(ref, x):
@@ -65,15 +70,15 @@ def check(config, delta, sizes, launch, repeat):
     ops = lambda: shared_scan(config, host(x["k"][:, :T]), host(x["v"][:, :T]), host(x["g"][:, :T]),
                               host(x["beta"][:, :T] if delta else None), active, np.zeros((B, H, Dk, Dv), np.float32),
                               np.zeros((B, H, L), np.int64), np.zeros((B, H, L), np.float32), np.zeros(B, np.int64),
-                              64)
+                              np.zeros((B, H), np.int64), 64)
     start = time.perf_counter()
-    sigma, (n, _, _) = ops()
+    sigma, (n, _, _, opened) = ops()
     ops_ms = (time.perf_counter() - start) * 1e3
     empty = empty_state(B, H, L, Dk, Dv)
     spec = metal.scan_launch(config, x["k"][:, :T], x["v"][:, :T], x["g"][:, :T], x["beta"][:, :T] if delta else None,
-                             mx.array(active), empty.S[:, :, 0], empty.n, empty.ibar, empty.pos, 64)
-    (sigma2, n2, _), kernel_ms = timed(lambda: launch(spec), repeat)
-    ok = np.array_equal(np.array(sigma2), sigma) and np.array_equal(np.array(n2), n)
+                             mx.array(active), empty.S[:, :, 0], empty.n, empty.ibar, empty.pos, empty.opened, 64)
+    (sigma2, n2, _, opened2), kernel_ms = timed(lambda: launch(spec), repeat)
+    ok = all(np.array_equal(np.array(a), b) for a, b in ((sigma2, sigma), (n2, n), (opened2, opened)))
     rows.append(("dla_scan", f"T={T}", "equal" if ok else "DIFFERENT", ok, ops_ms, kernel_ms))
     # One decode step after the prefill.
     step = args(T, T + 1)
@@ -81,9 +86,10 @@ def check(config, delta, sizes, launch, repeat):
                                                      impl="reference"), repeat)
     first = [None if a is None else a[:, 0] for a in step]
     spec = metal.decode_launch(config, *first[:5], first[5], mx.ones((B,), dtype=mx.bool_), state, 1.0)
-    (o2, S2, n2, _), kernel_ms = timed(lambda: launch(spec), repeat)
+    (o2, S2, n2, _, opened2), kernel_ms = timed(lambda: launch(spec), repeat)
     err = max(rel_rms(o[:, 0], o2), rel_rms(final.S, S2))
-    ok = err < 1e-5 and np.array_equal(np.array(n2), np.array(final.n))
+    ok = err < 1e-5 and np.array_equal(np.array(n2), np.array(final.n)) and \
+        np.array_equal(np.array(opened2), np.array(final.opened))
     rows.append(("dla_decode", f"pos={T}", f"{err:.1e}", ok, ops_ms, kernel_ms))
     return rows
 
@@ -107,9 +113,8 @@ def main(argv=None):
     print(f"{'kernel':<11} {'policy':<8} {'transition':<10} {'where':<9} {'vs ops':>10} {'ops ms':>9} "
           f"{'kernel ms':>10}")
     failed = 0
-    for policy, knobs in POLICIES.items():
+    for policy, config in configs(sizes[2]).items():
         for delta in (False, True):
-            config = DLAConfig(policy=policy, **knobs)
             for name, where, result, ok, ops_ms, kernel_ms in check(config, delta, sizes, launch, repeat):
                 failed += not ok
                 print(f"{name:<11} {policy:<8} {'delta' if delta else 'diagonal':<10} {where:<9} {result:>10} "

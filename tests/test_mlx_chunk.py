@@ -1,4 +1,5 @@
-"""dla_mlx impl="chunk" vs the oracle (outputs, states) and vs the MLX reference (every gradient)."""
+"""dla_mlx impl="chunk" vs the oracle (outputs, states, open counts) and vs the MLX reference (every gradient);
+per-head thresholds in the MLX reference and chunk paths against the oracle."""
 
 import mlx.core as mx
 import numpy as np
@@ -6,10 +7,17 @@ import pytest
 
 import dla_mlx
 import dla_shared
-from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_mlx
+from helpers import (NAMES, POLICIES, assert_close, assert_rates_differ, assert_states_close, config_for,
+                     head_thresholds, make_inputs, to_mlx)
 from test_chunk import prefix_state
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
+IMPLS = ["reference", "chunk"]
+
+
+def config_of(policy, H, delta):
+    """`config_for`'s small caches; dla with a threshold per head (`head_thresholds`)."""
+    return config_for(policy, threshold=head_thresholds(H, delta)) if policy == "dla" else config_for(policy)
 
 
 def run(impl, config, x, state=None, **kw):
@@ -18,10 +26,10 @@ def run(impl, config, x, state=None, **kw):
                                  output_final_state=True, **kw)
 
 
-def compare_outputs(config, x, state=None, **kw):
+def compare_outputs(config, x, state=None, impl="chunk", **kw):
     expected, final = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config, initial_state=state,
                                                output_final_state=True, **{k: np.array(v) for k, v in kw.items()})
-    o, final2 = run("chunk", config, x, state, **kw)
+    o, final2 = run(impl, config, x, state, **kw)
     assert_close("o", expected, o, 1e-5)
     assert_states_close(final, final2, 1e-5)
 
@@ -30,7 +38,7 @@ def compare_outputs(config, x, state=None, **kw):
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200], ids=lambda T: f"T{T}")
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mlx_chunk_equals_oracle(policy, T, delta):
-    config = config_for(policy)
+    config = config_of(policy, 2, delta)
     x = make_inputs(config, 2, T, 2, 5, 3, delta=delta, seed=T + 1)
     compare_outputs(config, x)
 
@@ -38,7 +46,7 @@ def test_mlx_chunk_equals_oracle(policy, T, delta):
 @pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mlx_chunk_continues_packs_and_pads(policy, delta):
-    config = config_for(policy)
+    config = config_of(policy, 2, delta)
     x = make_inputs(config, 2, 170, 2, 4, 6, delta=delta, seed=3)
     state, tail = prefix_state(config, x, 37)
     compare_outputs(config, tail, state)
@@ -55,9 +63,33 @@ def test_mlx_chunk_continues_packs_and_pads(policy, delta):
 
 
 @pytest.mark.parametrize("delta", TRANSITIONS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_heads_open_at_their_own_thresholds(impl, delta):
+    """Thresholds under which the oracle's heads open at clearly different rates: outputs, states and open
+    counts equal the oracle's, and the counts continue exactly when the sequence runs in two pieces."""
+    config = config_of("dla", 3, delta)
+    x = make_inputs(config, 2, 100, 3, 4, 3, delta=delta, seed=7)
+    assert_rates_differ(config, x)
+    compare_outputs(config, x, impl=impl)
+    _, final = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config, output_final_state=True)
+    piece = lambda s, e: {n: None if x[n] is None else x[n][:, s:e] for n in NAMES}
+    _, middle = run(impl, config, piece(0, 37))
+    _, final2 = run(impl, config, piece(37, 100), middle)
+    assert_states_close(final, final2, 1e-5)
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "metal"])
+def test_threshold_of_the_wrong_length_is_refused(impl):
+    config = config_for("dla", threshold=(0.2, 0.5, 0.9))
+    x = make_inputs(config, 1, 5, 2, 4, 3)
+    with pytest.raises(ValueError, match=r"DLAConfig.threshold has 3 values, one per head, but the input has H = 2"):
+        run(impl, config, x)
+
+
+@pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mlx_chunk_gradients_equal_reference(policy, delta):
-    config = config_for(policy)
+    config = config_of(policy, 2, delta)
     x = make_inputs(config, 1, 90, 2, 4, 3, delta=delta, seed=9)
     state, tail = prefix_state(config, x, 20)
     names = [n for n in NAMES if x[n] is not None]

@@ -24,7 +24,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         g: [B, T, H] log decay (<= 0); every state is multiplied by exp(g_t).
         lam: [B, T, H, L] read weights, L = config.num_slots (slot 0 = newest state); None = ones.
         beta: [B, T, H] in (0, 1) for the gated delta rule; None for the diagonal transition.
-        config: the cache policy. scale: output scale.
+        config: the cache policy (a per-head ``threshold`` has H values). scale: output scale.
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
@@ -35,7 +35,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
-        inputs) or None.
+        inputs; ``opened`` counts each sequence's and head's boundaries) or None.
     """
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
@@ -62,20 +62,20 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         bounds = cu_seqlens.tolist()
         pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
         o = mx.concatenate([p[0] for p in pieces], axis=1)
-        state = DLAState(*(mx.concatenate([getattr(p[1], f) for p in pieces]) for f in ("S", "n", "ibar", "pos")))
+        state = DLAState(*(mx.concatenate([getattr(p[1], f) for p in pieces]) for f in DLAState.FIELDS))
     return o.astype(out_dtype), (state if output_final_state else None)
 
 
 def empty_state(N, H, L, Dk, Dv, dtype=mx.float32) -> DLAState:
     """A DLAState with no tokens: N sequences, H heads, L slots."""
     return DLAState(mx.zeros((N, H, L, Dk, Dv), dtype=dtype), mx.zeros((N, H, L), dtype=mx.int64),
-                    mx.zeros((N, H, L), dtype=dtype), mx.zeros((N,), dtype=mx.int64))
+                    mx.zeros((N, H, L), dtype=dtype), mx.zeros((N,), dtype=mx.int64), mx.zeros((N, H), dtype=mx.int64))
 
 
 def _cast_state(state: DLAState, dtype) -> DLAState:
     return DLAState(state.S.astype(dtype), state.n.astype(mx.int64), state.ibar.astype(dtype),
-                    state.pos.astype(mx.int64))
+                    state.pos.astype(mx.int64), state.opened.astype(mx.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:
-    return DLAState(*(getattr(state, f)[i : i + 1] for f in ("S", "n", "ibar", "pos")))
+    return DLAState(*(getattr(state, f)[i : i + 1] for f in DLAState.FIELDS))

@@ -28,10 +28,10 @@ MERGE_IDS = {"oldest": 0, "density": 1}
 SCORE_IDS = {"token_drift": 0, "state_drift": 1}
 HEADER = "dla_common.h"
 NAMES = {  # kernel: (input names, output names)
-    "dla_decode": (["q", "k", "v", "g", "beta", "lam", "S_in", "n_in", "ibar_in", "pos", "active", "scale",
-                    "threshold", "eps", "block_size"], ["out", "S_out", "n_out", "ibar_out"]),
-    "dla_scan": (["k", "v", "g", "beta", "active", "X_in", "n_in", "ibar_in", "pos", "T", "threshold", "eps",
-                  "block_size"], ["sigma", "n_out", "ibar_out"]),
+    "dla_decode": (["q", "k", "v", "g", "beta", "lam", "S_in", "n_in", "ibar_in", "opened_in", "pos", "active",
+                    "scale", "threshold", "eps", "block_size"], ["out", "S_out", "n_out", "ibar_out", "opened_out"]),
+    "dla_scan": (["k", "v", "g", "beta", "active", "X_in", "n_in", "ibar_in", "opened_in", "pos", "T", "threshold",
+                  "eps", "block_size"], ["sigma", "n_out", "ibar_out", "opened_out"]),
 }
 
 
@@ -66,34 +66,40 @@ def run(launch: Launch) -> list:
 
 def decode_launch(config, q, k, v, g, lam, beta, active, state: DLAState, scale) -> Launch:
     """One token: q, k [B, H, Dk], v [B, H, Dv], g and beta (or None) [B, H], lam [B, H, L], active bool [B].
-    Outputs: o [B, H, Dv], S [B, H, L, Dk, Dv], n int32 [B, H, L], ibar [B, H, L]."""
+    Outputs: o [B, H, Dv], S [B, H, L, Dk, Dv], n int32 [B, H, L], ibar [B, H, L], opened int32 [B, H]."""
     B, H, Dk = q.shape
     Dv, L = v.shape[-1], state.S.shape[2]
     f32 = lambda x: x.astype(mx.float32)
     delta = beta is not None
     beta = f32(beta) if delta else mx.zeros((B, H))
     inputs = [f32(q), f32(k), f32(v), f32(g), beta, f32(lam), f32(state.S), state.n.astype(mx.int32),
-              f32(state.ibar), state.pos.astype(mx.int32), active, float(scale), float(config.threshold),
-              float(config.eps), int(config.block_size)]
+              f32(state.ibar), state.opened.astype(mx.int32), state.pos.astype(mx.int32), active, float(scale),
+              _thresholds(config, H), float(config.eps), int(config.block_size)]
     nsg = -(-Dv // 32)
     return Launch("dla_decode", inputs, _template(config, Dk, Dv, L, H, nsg, delta),
-                  (32 * nsg, 1, B * H), (32 * nsg, 1, 1), [(B, H, Dv), (B, H, L, Dk, Dv), (B, H, L), (B, H, L)],
-                  [mx.float32, mx.float32, mx.int32, mx.float32])
+                  (32 * nsg, 1, B * H), (32 * nsg, 1, 1),
+                  [(B, H, Dv), (B, H, L, Dk, Dv), (B, H, L), (B, H, L), (B, H)],
+                  [mx.float32, mx.float32, mx.int32, mx.float32, mx.int32])
 
 
-def scan_launch(config, k, v, g, beta, active, X, n, ibar, pos, chunk_size) -> Launch:
+def scan_launch(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size) -> Launch:
     """The decisions of a [B, T] block (arguments as `dla_shared.scan`, as MLX arrays). Outputs:
-    sigma int16 [B, H, T, L + C], n int32 [B, H, L], ibar [B, H, L]."""
+    sigma int16 [B, H, T, L + C], n int32 [B, H, L], ibar [B, H, L], opened int32 [B, H]."""
     B, T, H, Dk = k.shape
     Dv, L = v.shape[-1], n.shape[-1]
     f32 = lambda x: x.astype(mx.float32)
     beta_in = mx.zeros((B, T, H)) if beta is None else f32(beta)
-    inputs = [f32(k), f32(v), f32(g), beta_in, active, f32(X), n.astype(mx.int32), f32(ibar), pos.astype(mx.int32),
-              int(T), float(config.threshold), float(config.eps), int(config.block_size)]
+    inputs = [f32(k), f32(v), f32(g), beta_in, active, f32(X), n.astype(mx.int32), f32(ibar), opened.astype(mx.int32),
+              pos.astype(mx.int32), int(T), _thresholds(config, H), float(config.eps), int(config.block_size)]
     nsg = -(-Dv // 32)
     template = _template(config, Dk, Dv, L, H, nsg, beta is not None) + [("C", int(chunk_size))]
     return Launch("dla_scan", inputs, template, (32 * nsg, 1, B * H), (32 * nsg, 1, 1),
-                  [(B, H, T, L + chunk_size), (B, H, L), (B, H, L)], [mx.int16, mx.int32, mx.float32])
+                  [(B, H, T, L + chunk_size), (B, H, L), (B, H, L), (B, H)], [mx.int16, mx.int32, mx.float32, mx.int32])
+
+
+def _thresholds(config, H):
+    """Every head's threshold, float32 [H]."""
+    return mx.array(config.thresholds(H), dtype=mx.float32)
 
 
 def _template(config, Dk, Dv, L, H, nsg, delta):
@@ -103,15 +109,16 @@ def _template(config, Dk, Dv, L, H, nsg, delta):
 
 
 def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
-    """`dla_mlx.ops.chunk.scan` with the ``dla_scan`` kernel: sigma int32 [B, H, T, L + C], (n, ibar, pos)."""
+    """`dla_mlx.ops.chunk.scan` with the ``dla_scan`` kernel: sigma int32 [B, H, T, L + C],
+    (n, ibar, pos, opened)."""
     active = mx.array(active)
     k, v, g = (mx.stop_gradient(x) for x in (k, v, g))
     beta = None if beta is None else mx.stop_gradient(beta)
     pos = state.pos + active.astype(mx.int64).sum(-1)
     policy.check_levels(config, int(pos.max()) if pos.size else 0)
-    sigma, n, ibar = run(scan_launch(config, k, v, g, beta, active, state.S[:, :, 0], state.n, state.ibar,
-                                     state.pos, chunk_size))
-    return sigma.astype(mx.int32), (n.astype(mx.int64), ibar.astype(state.S.dtype), pos)
+    sigma, n, ibar, opened = run(scan_launch(config, k, v, g, beta, active, state.S[:, :, 0], state.n, state.ibar,
+                                             state.pos, state.opened, chunk_size))
+    return sigma.astype(mx.int32), (n.astype(mx.int64), ibar.astype(state.S.dtype), pos, opened.astype(mx.int64))
 
 
 def dla_metal(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
@@ -125,6 +132,6 @@ def dla_metal(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     pos = state.pos + active.astype(mx.int64)
     policy.check_levels(config, int(pos.max()) if pos.size else 0)
     first = lambda x: None if x is None else x[:, 0]
-    o, S, n, ibar = run(decode_launch(config, q[:, 0], k[:, 0], v[:, 0], g[:, 0], lam[:, 0], first(beta), active,
-                                      state, scale))
-    return o[:, None].astype(q.dtype), DLAState(S, n.astype(mx.int64), ibar, pos)
+    o, S, n, ibar, opened = run(decode_launch(config, q[:, 0], k[:, 0], v[:, 0], g[:, 0], lam[:, 0], first(beta),
+                                              active, state, scale))
+    return o[:, None].astype(q.dtype), DLAState(S, n.astype(mx.int64), ibar, pos, opened.astype(mx.int64))

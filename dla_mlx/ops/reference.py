@@ -18,7 +18,8 @@ from dla_shared.state import DLAState
 def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     """Run a [B, T] block from ``state`` (batch B); return (o [B, T, H, Dv], final DLAState)."""
     B, T, H, _ = q.shape
-    S, n, ibar, pos = state.S, np.array(state.n), np.array(state.ibar), np.array(state.pos)
+    S = state.S
+    n, ibar, pos, opened = (np.array(x) for x in (state.n, state.ibar, state.pos, state.opened))
     size = S.shape[-1] * S.shape[-2]
     active = np.ones((B, T), bool) if mask is None else np.array(mask)
     outputs = []
@@ -31,7 +32,8 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         token_ = mx.stop_gradient(token)
         terms = [(newest * newest).sum((-2, -1)), (token_ * token_).sum((-2, -1)), (newest * token_).sum((-2, -1))]
         score = policy.score_from_terms(config, *(np.array(x) for x in terms), size)
-        plan = policy.plan(config, n, ibar, pos, score, active[:, t])
+        plan = policy.plan(config, n, ibar, pos, score, active[:, t])  # a per-head threshold meets score's heads
+        opened = opened + (plan.opened & (pos > 0)[:, None])  # a sequence's first token is no boundary
         n, ibar, pos = plan.n, plan.ibar, plan.pos
         S = mx.einsum("bhij,bhjkv->bhikv", mx.array(policy.transfer_matrix(plan.dest), dtype=S.dtype), S)
         S = mx.concatenate([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], axis=2)
@@ -40,7 +42,8 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         o = scale * mx.einsum("bhl,bhk,bhlkv->bhv", lam[:, t].astype(S.dtype), q[:, t].astype(S.dtype), S)
         outputs.append(mx.where(on[:, None, None], o, 0))  # padding may hold NaN
     o = mx.stack(outputs, axis=1) if outputs else mx.zeros((B, 0, H, S.shape[-1]), dtype=S.dtype)
-    final = DLAState(S, mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=S.dtype), mx.array(pos, dtype=mx.int64))
+    final = DLAState(S, mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=S.dtype), mx.array(pos, dtype=mx.int64),
+                     mx.array(opened, dtype=mx.int64))
     return o, final
 
 
