@@ -67,6 +67,7 @@ def show_boundaries(model, tokenizer, prompt, tokens, args):
     from dla_shared import plot_trace
 
     from .inspect import mark_boundaries, trace_text
+    from .models.base import dla_mixers
 
     ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) + tokens
     trace = trace_text(model, ids, args.boundaries_layer)
@@ -74,7 +75,8 @@ def show_boundaries(model, tokenizer, prompt, tokens, args):
     print("=" * 10)
     print(f"State boundaries, layer {args.boundaries_layer}, head {args.boundaries_head} ('|' opens a state):")
     print(mark_boundaries(pieces, trace, args.boundaries_head))
-    threshold = model.args.dla_config.threshold if model.args.dla_config.policy == "dla" else None
+    tau = dla_mixers(model)[args.boundaries_layer].tau[args.boundaries_head].item()
+    threshold = tau if model.args.dla_config.policy == "dla" else None
     name = "the default model" if args.model == str(DEFAULT_MODEL) else args.model
     plot_trace(trace, args.boundaries, h=args.boundaries_head, threshold=threshold,
                title=f"{name}: layer {args.boundaries_layer}, head {args.boundaries_head}")

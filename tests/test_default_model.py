@@ -9,12 +9,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dla_mlx import load
 from dla_mlx.generate import main as generate
+from dla_mlx.models.base import dla_mixers as mlx_mixers
 from dla_shared.hub import DEFAULT_MODEL
 from dla_torch.models import from_pretrained
 from dla_torch.models.hub import model_types
+from dla_torch.models.layers import dla_mixers
 from test_scripts import load as load_script
 
 MANIFEST = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
@@ -52,13 +55,20 @@ def test_the_model_learned_its_corpus():
 
 
 def test_torch_and_mlx_give_the_same_logits():
+    """Both backends load the shipped model, with the same thresholds (its config's, if its weights have none)."""
     model, tokenizer = load(DEFAULT_MODEL)
+    torch_model = from_pretrained(DEFAULT_MODEL)
     ids = tokenizer.encode(PROMPT)
     logits_mlx = np.array(model(mx.array([ids])).astype(mx.float32))
     with torch.no_grad():
-        logits_torch = from_pretrained(DEFAULT_MODEL)(torch.tensor([ids])).numpy()
+        logits_torch = torch_model(torch.tensor([ids])).numpy()
     err = np.abs(logits_mlx - logits_torch).max() / np.abs(logits_torch).max()
     assert err < 1e-4, err
+    taus = [np.array(m.tau) for m in mlx_mixers(model)]
+    np.testing.assert_array_equal(taus, [m.tau.numpy() for m in dla_mixers(torch_model)])
+    if not any(name.endswith(".tau") for name in load_file(DEFAULT_MODEL / "model.safetensors")):
+        config = torch_model.config
+        assert all(np.array_equal(tau, np.float32(config.dla.thresholds(config.num_heads))) for tau in taus)
 
 
 def test_dla_generate_streams_from_the_default_model(tmp_path, capsys):

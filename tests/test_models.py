@@ -1,9 +1,12 @@
 """The PyTorch DLA causal LMs: packing, caching, checkpoints, upcycling from transformers' Mamba-2."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
@@ -11,6 +14,7 @@ from dla_shared import DLAConfig
 from dla_torch.generate import generate, sample
 from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
                               DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
+from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
 from dla_torch.models.upcycle import upcycle
 
@@ -18,16 +22,23 @@ POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(pol
                   "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5), "dla": DLAConfig(policy="dla", capacity=4)}
 
 
-def tiny(kind, policy="dla", vocab_size=61, **kw):
+def tiny(kind, policy="dla", vocab_size=61, dla=None, perturb=True, **kw):
+    """A small random model, every parameter perturbed so that each matters (a new model's read weights are
+    all 1, which would hide the slots) unless ``perturb`` is False. ``dla`` replaces the policy's config."""
     torch.manual_seed(0)
-    dla = POLICY_CONFIGS[policy]
+    dla = dla or POLICY_CONFIGS[policy]
     if kind == "mamba2":
         config = DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
                                  state_size=8, n_groups=2, dla=dla, **kw)
-        return DLAMamba2ForCausalLM(config).eval()
-    config = DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8,
-                                    dla=dla, **kw)
-    return DLAGatedDeltaNetForCausalLM(config).eval()
+        model = DLAMamba2ForCausalLM(config)
+    else:
+        config = DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                                        head_dim=8, dla=dla, **kw)
+        model = DLAGatedDeltaNetForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters() if perturb else ():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
 
 
 MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn") for policy in ("fixed", "dla")]
@@ -80,6 +91,46 @@ def test_save_then_load_gives_identical_logits(kind, tied, tmp_path):
     loaded = from_pretrained(tmp_path)
     assert torch.equal(loaded(ids), model(ids))
     assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) is not tied
+
+
+def read_projection(mixer):
+    """The weights that make a mixer's read weights: Gated DeltaNet's l_proj, Mamba-2's last H * K rows of
+    in_proj. [H * K, hidden]."""
+    c = mixer.config
+    return mixer.l_proj.weight if hasattr(mixer, "l_proj") else mixer.in_proj.weight[-c.num_heads * c.dla.num_slots:]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_new_models_have_small_normal_weights_and_read_every_state_with_weight_one(kind):
+    """transformers' and fla's initialization (normal, std 0.02) and a zero read-weight projection: every state
+    is read with weight 1, so a new model's policy does not change its logits (DESIGN's invariant)."""
+    models = {p: tiny(kind, dla=DLAConfig(policy=p, capacity=4, block_size=5), perturb=False) for p in ("fixed", "dla")}
+    model = models["dla"]
+    assert all(not read_projection(mixer).any() for mixer in dla_mixers(model))
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not name.endswith("l_proj"):
+            weight = module.weight[module.weight != 0]  # Mamba-2's in_proj: all but its read-weight rows
+            assert abs(weight.std().item() - 0.02) < 0.006 and abs(weight.mean().item()) < 0.006, name
+    ids = torch.randint(0, 61, (2, 40))
+    close(models["fixed"](ids), model(ids))
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_tied_embeddings_train(kind):
+    """A new model with tied embeddings starts near a uniform guess and learns a batch; the tie holds."""
+    model = tiny(kind, tie_word_embeddings=True, perturb=False).train()
+    ids = torch.randint(0, 61, (4, 33), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(61)) < 0.1 and losses[-1] < losses[0] - 1.0, losses
+    assert model.lm_head.weight is model.body.embeddings.weight
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,17 +7,20 @@ files work unchanged) whose entries are the layer's convolution states followed 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_ssm_mask
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache
 
-from dla_shared import DLAState
+from dla_shared import DLAConfig, DLAState
 
-# Parameters kept out of quantization and of dtype casts: decay, skip, read weights and their projections.
-PRECISE = ("A_log", "dt_bias", ".D", ".L", "l_proj", "a_proj", "b_proj")
+# Parameters kept out of quantization and of dtype casts: decay, skip, read weights and their projections,
+# thresholds.
+PRECISE = ("A_log", "dt_bias", ".D", ".L", "l_proj", "a_proj", "b_proj", ".tau")
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +76,26 @@ def read_weights(dl, L, normalized: bool):
     return lam / math.log(2) if normalized else lam
 
 
+class DLAMixer(nn.Module):
+    """What every DLA mixer shares: ``tau`` [H] float32, the thresholds of its heads (the torch models'
+    buffer of the same name), a frozen array: saved, loaded and converted with the weights, never trained,
+    kept out of quantization and casts (`PRECISE`). ``op_config()`` is the op's config with them."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tau = mx.array(args.dla_config.thresholds(args.num_heads), dtype=mx.float32)
+        self.freeze(keys="tau", recurse=False)
+
+    def op_config(self) -> DLAConfig:
+        return dataclasses.replace(self.args.dla_config, threshold=tuple(self.tau.tolist()))
+
+
+def dla_mixers(model) -> list[DLAMixer]:
+    """The DLA mixers of a model, in layer order."""
+    return [m for layer in model.layers for m in layer.children().values() if isinstance(m, DLAMixer)]
+
+
 def get_state(cache, first: int):
     """The DLAState kept in ``cache[first:first + 5]`` (`DLAState.FIELDS`), or None before the first call."""
     if cache is None or cache[first] is None:
@@ -117,8 +140,12 @@ class CausalLM(nn.Module):
         return [ArraysCache(size=self.conv_states + len(DLAState.FIELDS)) for _ in self.layers]
 
     def sanitize(self, weights):
-        """Torch checkpoints store depthwise convolution weights [C, 1, W]; MLX's are [C, W, 1]. Idempotent."""
-        return {k: v.moveaxis(2, 1) if "conv1d.weight" in k and v.shape[-1] != 1 else v for k, v in weights.items()}
+        """Torch checkpoints store depthwise convolution weights [C, 1, W]; MLX's are [C, W, 1]. A checkpoint
+        without thresholds (made before them) gets every layer's ``tau`` from the config. Idempotent."""
+        weights = {k: v.moveaxis(2, 1) if "conv1d.weight" in k and v.shape[-1] != 1 else v for k, v in weights.items()}
+        if not any(k.endswith(".tau") for k in weights):
+            weights |= {k: v for k, v in tree_flatten(self.parameters()) if k.endswith(".tau")}
+        return weights
 
     @property
     def quant_predicate(self):

@@ -13,7 +13,7 @@ from dla_shared import DLAConfig
 from dla_shared.config import mlp_size
 
 from ..ops import dla_attention
-from .base import MLP, CausalLM, RMSNorm, causal_conv, get_state, read_weights, set_state
+from .base import MLP, CausalLM, DLAMixer, RMSNorm, causal_conv, get_state, read_weights, set_state
 
 
 @dataclass
@@ -42,10 +42,10 @@ class ModelArgs(BaseModelArgs):
         return int(self.head_dim * self.expand_v)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(DLAMixer):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = a = args
+        super().__init__(args)
+        a = args
         H, K = a.num_heads, a.dla_config.num_slots
         key_dim, value_dim = H * a.head_dim, H * a.head_v_dim
         self.q_proj = nn.Linear(a.hidden_size, key_dim, bias=False)
@@ -81,7 +81,7 @@ class GatedDeltaNet(nn.Module):
                                                                   + self.dt_bias.astype(mx.float32))
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
         lam = read_weights(self.l_proj(x).reshape(B, T, H, K), self.L, a.read_weight_norm)
-        o, state = dla_attention(q, k, v, g, lam, beta, config=a.dla_config, scale=a.head_dim**-0.5, mask=mask,
+        o, state = dla_attention(q, k, v, g, lam, beta, config=self.op_config(), scale=a.head_dim**-0.5, mask=mask,
                                  initial_state=get_state(cache, 3), output_final_state=cache is not None)
         if cache is not None:
             for i, (_, conv_state) in enumerate(convs):

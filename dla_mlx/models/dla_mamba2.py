@@ -12,7 +12,7 @@ from mlx_lm.models.base import BaseModelArgs
 from dla_shared import DLAConfig
 
 from ..ops import dla_attention
-from .base import MLP, CausalLM, RMSNorm, causal_conv, get_state, offsets, read_weights, set_state
+from .base import MLP, CausalLM, DLAMixer, RMSNorm, causal_conv, get_state, offsets, read_weights, set_state
 
 
 @dataclass
@@ -45,10 +45,10 @@ class ModelArgs(BaseModelArgs):
         return self.expand * self.hidden_size
 
 
-class Mixer(nn.Module):
+class Mixer(DLAMixer):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = a = args
+        super().__init__(args)
+        a = args
         H, K = a.num_heads, a.dla_config.num_slots
         self.conv_dim = a.intermediate_size + 2 * a.n_groups * a.state_size
         self.in_proj = nn.Linear(a.hidden_size, a.intermediate_size + self.conv_dim + H + H * K, bias=a.use_bias)
@@ -80,7 +80,7 @@ class Mixer(nn.Module):
         q = mx.repeat(Cm.reshape(B, T, a.n_groups, N), per_group, axis=2)
         g = -mx.exp(self.A_log.astype(mx.float32)) * dt
         lam = read_weights(dl.reshape(B, T, H, K), self.L, a.read_weight_norm)
-        y, state = dla_attention(q, k, xs * dt[..., None].astype(xs.dtype), g, lam, config=a.dla_config, mask=mask,
+        y, state = dla_attention(q, k, xs * dt[..., None].astype(xs.dtype), g, lam, config=self.op_config(), mask=mask,
                                  initial_state=get_state(cache, 1), output_final_state=cache is not None)
         if cache is not None:
             cache[0] = conv_state

@@ -1,7 +1,8 @@
 """DLA Gated DeltaNet: fla's GatedDeltaNet causal LM whose single state becomes DLA's state cache.
 
 Tensor names are fla's (``model.layers.{i}.attn.q_proj.weight`` ...); DLA adds the read-weight projection
-``attn.l_proj`` [H * K, hidden] and the per-head, per-slot scale ``attn.L`` [H, K] (Log-Linear's layout).
+``attn.l_proj`` [H * K, hidden], the per-head, per-slot scale ``attn.L`` [H, K] (Log-Linear's layout) and
+the thresholds ``attn.tau`` [H] (a buffer, `DLAMixer`).
 In DLA's op: q, k are L2-normalized after their short convolutions, scale = head_k_dim^-0.5,
 g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), lam = softplus(L * l) (/ ln 2, `read_weights`).
 """
@@ -16,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dla_shared.config import mlp_size
-from dla_torch.ops import dla_attention
 
 from .config import BaseConfig
-from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
+from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 
 
 @dataclasses.dataclass
@@ -43,10 +43,10 @@ class DLAGatedDeltaNetConfig(BaseConfig):
         return int(self.head_dim * self.expand_v)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(DLAMixer):
     def __init__(self, config: DLAGatedDeltaNetConfig):
-        super().__init__()
-        self.config = c = config
+        super().__init__(config)
+        c = config
         H, K = c.num_heads, c.dla.num_slots
         key_dim, value_dim = H * c.head_dim, H * c.head_v_dim
         self.q_proj = nn.Linear(c.hidden_size, key_dim, bias=False)
@@ -66,6 +66,9 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = RMSNorm(c.head_v_dim, c.layer_norm_epsilon)
         self.o_proj = nn.Linear(value_dim, c.hidden_size, bias=False)
 
+    def reset_read_weights(self):
+        nn.init.zeros_(self.l_proj.weight)
+
     def forward(self, x, mask=None, cache: LayerCache | None = None, seq_ids=None, cu_seqlens=None):
         c = self.config
         H, K = c.num_heads, c.dla.num_slots
@@ -80,11 +83,9 @@ class GatedDeltaNet(nn.Module):
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.b_proj(x).float())
         lam = read_weights(self.l_proj(x).unflatten(-1, (H, K)), self.L, c.read_weight_norm)
-        o, state = dla_attention(q, k, v, g, lam, beta, config=c.dla, scale=c.head_dim**-0.5, mask=mask,
-                                 initial_state=None if cache is None else cache.state,
-                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        o = self.attend(q, k, v, g, lam, beta, cache=cache, scale=c.head_dim**-0.5, mask=mask, cu_seqlens=cu_seqlens)
         if cache is not None:
-            cache.conv, cache.state = tuple(s for _, s in convs), state
+            cache.conv = tuple(s for _, s in convs)
         gate = self.g_proj(x).unflatten(-1, (H, c.head_v_dim))
         # fla's gated norm: normalize, then gate (Mamba-2's gates first)
         return self.o_proj((self.o_norm(o.to(x.dtype)) * F.silu(gate)).flatten(-2))
@@ -122,6 +123,7 @@ class DLAGatedDeltaNetForCausalLM(CausalLM):
         self.config = config
         self.model = Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
         self.tie_weights()
 
     @property

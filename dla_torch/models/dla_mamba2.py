@@ -2,8 +2,9 @@
 
 Tensor names are Hugging Face `Mamba2ForCausalLM`'s (``backbone.layers.{i}.mixer.in_proj.weight`` ...), so a
 Mamba-2 checkpoint loads by name; DLA adds the read-weight rows ``dl`` at the end of ``in_proj`` and the
-per-head, per-slot scale ``L`` [H, K] (Log-Linear Attention's layout). In DLA's op: q = C, k = B,
-v = x * dt, g = A * dt, lam = softplus(L * dl) (/ ln 2, `read_weights`).
+per-head, per-slot scale ``L`` [H, K] (Log-Linear Attention's layout) and the thresholds ``tau`` [H] (a
+buffer, `DLAMixer`). In DLA's op: q = C, k = B, v = x * dt, g = A * dt, lam = softplus(L * dl) (/ ln 2,
+`read_weights`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dla_torch.ops import dla_attention
-
 from .config import BaseConfig
-from .layers import MLP, CausalLM, LayerCache, RMSNorm, causal_conv, read_weights
+from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 
 
 @dataclasses.dataclass
@@ -53,10 +52,10 @@ class DLAMamba2Config(BaseConfig):
         return self.expand * self.hidden_size
 
 
-class Mixer(nn.Module):
+class Mixer(DLAMixer):
     def __init__(self, config: DLAMamba2Config):
-        super().__init__()
-        self.config = c = config
+        super().__init__(config)
+        c = config
         H, K = c.num_heads, c.dla.num_slots
         self.conv_dim = c.intermediate_size + 2 * c.n_groups * c.state_size
         self.in_proj = nn.Linear(c.hidden_size, c.intermediate_size + self.conv_dim + H + H * K, bias=c.use_bias)
@@ -80,6 +79,13 @@ class Mixer(nn.Module):
                        + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
 
+    @torch.no_grad()
+    def reset_read_weights(self):
+        rows = self.config.num_heads * self.config.dla.num_slots  # dl, the last rows of in_proj
+        self.in_proj.weight[-rows:].zero_()
+        if self.in_proj.bias is not None:
+            self.in_proj.bias[-rows:].zero_()
+
     def forward(self, x, mask=None, cache: LayerCache | None = None, seq_ids=None, cu_seqlens=None):
         c = self.config
         B, T, _ = x.shape
@@ -100,11 +106,9 @@ class Mixer(nn.Module):
         q = Cm.unflatten(-1, (c.n_groups, N)).repeat_interleave(per_group, dim=2)
         g = -torch.exp(self.A_log.float()) * dt
         lam = read_weights(dl.unflatten(-1, (H, K)), self.L, c.read_weight_norm)
-        y, state = dla_attention(q, k, xs * dt[..., None].to(xs.dtype), g, lam, config=c.dla, mask=mask,
-                                 initial_state=None if cache is None else cache.state,
-                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        y = self.attend(q, k, xs * dt[..., None].to(xs.dtype), g, lam, cache=cache, mask=mask, cu_seqlens=cu_seqlens)
         if cache is not None:
-            cache.conv, cache.state = conv_state, state
+            cache.conv = conv_state
         y = y.to(xs.dtype) + self.D.to(xs.dtype)[:, None] * xs
         return self.out_proj(self.norm(y.flatten(-2), z))
 
@@ -144,6 +148,7 @@ class DLAMamba2ForCausalLM(CausalLM):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
         self.tie_weights()
 
     @property

@@ -30,6 +30,14 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def with_thresholds(model: torch.nn.Module, weights: dict) -> dict:
+    """A checkpoint without thresholds (made before them, or imported) gets every layer's ``tau`` from the
+    model, which starts them at its config's threshold; one that has any is left to `check_weights`."""
+    if any(name.endswith(".tau") for name in weights):
+        return weights
+    return {**{name: t for name, t in model.state_dict().items() if name.endswith(".tau")}, **weights}
+
+
 def check_weights(model: torch.nn.Module, weights: dict) -> None:
     """Raise one clear error listing every missing, unexpected and mis-shaped tensor."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -53,7 +61,7 @@ def from_pretrained(path_or_id, dtype=None):
         raise ValueError(f"unknown model_type {model_type!r} in {folder}/config.json; expected one of {sorted(types)}")
     cls = types[model_type]
     model = cls(cls.config_class.from_dict(config))
-    weights = load_weights(folder)
+    weights = with_thresholds(model, load_weights(folder))
     check_weights(model, weights)
     model.load_state_dict(weights, strict=False)  # only lm_head.weight may be absent, tied to the embeddings
     if dtype is not None:

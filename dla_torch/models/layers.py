@@ -1,4 +1,5 @@
-"""Building blocks shared by the DLA models: norms, the causal short convolution, read weights."""
+"""Building blocks shared by the DLA models: norms, the causal short convolution, read weights, the DLA
+mixer's thresholds and op call, and the initialization."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dla_shared import DLAState
+from dla_torch.ops import dla_attention
+
+INIT_STD = 0.02  # transformers' and fla's initializer_range
 
 
 class RMSNorm(nn.Module):
@@ -83,6 +87,64 @@ class LayerCache:
     state: DLAState | None = None
 
 
+class DLAMixer(nn.Module):
+    """What every DLA mixer shares: the thresholds of its heads, and the op call that uses them.
+
+    ``tau`` [H] float32 is a buffer: saved, converted and resumed with the weights, never trained (`dla-train`
+    moves it toward the target rate). It starts at ``config.dla.thresholds(H)`` and stays float32 when the
+    model is cast (in bfloat16 a threshold would round away the controller's small steps).
+
+    In training mode every forward sets ``boundaries = (opened, tokens)``, int64 on the layer's device:
+    ``opened`` [H] the tokens of this forward that opened a state, per head, and ``tokens`` [] the tokens
+    that could have (each sequence's first token cannot). With a cache that continues sequences, only this
+    call's tokens count. Outside training ``boundaries`` keeps its last value (None before any).
+    Subclasses implement ``reset_read_weights``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("tau", torch.tensor(config.dla.thresholds(config.num_heads), dtype=torch.float32))
+        self.boundaries = None
+
+    def reset_read_weights(self):
+        """Zero the read-weight projection, so that every state is read with weight 1 (lam == 1)."""
+        raise NotImplementedError
+
+    def attend(self, q, k, v, g, lam, beta=None, *, cache: LayerCache | None, **kw):
+        """`dla_attention` with one threshold per head (``tau``), continuing ``cache.state`` and updating it
+        when a cache is given; ``kw`` (scale, mask, cu_seqlens) goes to the op. Returns o [B, T, H, Dv]."""
+        config = dataclasses.replace(self.config.dla, threshold=tuple(self.tau.tolist()))
+        initial = None if cache is None else cache.state
+        before = (0, 0) if initial is None else boundary_counts(initial)
+        o, state = dla_attention(q, k, v, g, lam, beta, config=config, initial_state=initial,
+                                 output_final_state=cache is not None or self.training, **kw)
+        if cache is not None:
+            cache.state = state
+        if self.training:
+            self.boundaries = tuple((now - then).to(self.tau.device)
+                                    for now, then in zip(boundary_counts(state), before))
+        return o
+
+    def _apply(self, fn, recurse=True):
+        tau = self.tau
+        super()._apply(fn, recurse)
+        if self.tau.dtype != tau.dtype:  # moved, not cast
+            self.tau = tau.to(self.tau.device)
+        return self
+
+
+def boundary_counts(state: DLAState) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state's boundaries so far, per head and summed over its sequences, int64 [H]; and its tokens after
+    each sequence's first, int64 []."""
+    return state.opened.sum(0), (state.pos - 1).clamp(min=0).sum()
+
+
+def dla_mixers(model: nn.Module) -> list[DLAMixer]:
+    """The DLA mixers of a model (or of a wrapper around it: DDP, FSDP, torch.compile), in layer order."""
+    return [m for m in model.modules() if isinstance(m, DLAMixer)]
+
+
 class CausalLM(nn.Module):
     """``forward(input_ids [B, T], mask=None, cache=None, cu_seqlens=None) -> logits [B, T, V]`` (float32).
 
@@ -101,6 +163,20 @@ class CausalLM(nn.Module):
 
     def make_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.layers]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """transformers' and fla's initialization: every Linear and Embedding weight normal(0, 0.02), biases
+        zero (tied embeddings then start as a small output layer that trains). The read-weight projections
+        start at zero, so with ``read_weight_norm`` the new model reads every state with weight 1, as
+        an upcycled one does. A_log, dt_bias, D, L, norms and convolutions keep the layers' own."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for mixer in dla_mixers(self):
+            mixer.reset_read_weights()
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:

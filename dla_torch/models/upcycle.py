@@ -5,7 +5,7 @@ Gated DeltaNet (`GatedDeltaNetForCausalLM`, model_type ``gated_deltanet``) becom
 Every source tensor keeps its name and value; DLA's read-weight projection (rows ``dl`` appended to Mamba-2's
 ``in_proj``, GDN's ``l_proj``) starts at zero and ``L`` at one, so with the default ``read_weight_norm`` every
 state is read with weight 1 and the upcycled model's logits are the source model's for any policy, before
-any training (DESIGN section 2, the invariant).
+any training (DESIGN section 2, the invariant). Every layer's thresholds ``tau`` start at the DLA config's.
 
 An fla Log-Linear Mamba-2 (`LogLinearMamba2ForCausalLM`, model_type ``log_linear_mamba2``) already has its
 read weights (``dl`` rows, ``L`` with one column per Fenwick level): it loads as ``dla_mamba2`` with its
@@ -27,7 +27,7 @@ from dla_shared.hub import TOKENIZER_FILES, read_config, resolve
 
 from .dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from .dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
-from .hub import check_weights, load_weights, save_pretrained
+from .hub import check_weights, load_weights, save_pretrained, with_thresholds
 
 MAMBA2_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "state_size", "expand", "head_dim",
                  "n_groups", "conv_kernel", "use_bias", "use_conv_bias", "layer_norm_epsilon", "residual_in_fp32",
@@ -120,7 +120,7 @@ def upcycle(path_or_id, dla: DLAConfig, out=None):
     make_config, cls, prefix, convert = SOURCES[source["model_type"]]
     config = make_config(source, dla)
     model = cls(config)
-    weights = convert(load_weights(folder), config, prefix)
+    weights = with_thresholds(model, convert(load_weights(folder), config, prefix))
     check_weights(model, weights)
     model.load_state_dict(weights, strict=False)
     if out is not None:
