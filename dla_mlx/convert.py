@@ -1,7 +1,8 @@
 """Load DLA models with mlx-lm, and convert checkpoints between the PyTorch and MLX layouts.
 
 Both backends use the same tensor names; only the depthwise convolution weights differ in layout (torch
-[C, 1, W], MLX [C, W, 1]), so conversion in the same dtype is lossless (bit-exact both ways).
+[C, 1, W], MLX [C, W, 1]), so conversion in the same dtype is lossless (bit-exact both ways). Every layer's
+thresholds ``tau`` [H] stay float32; a checkpoint without them gets its config's threshold.
 
     dla-convert out/torch-model out/mlx-model                       # torch -> MLX
     dla-convert out/mlx-model out/torch-again --to torch            # MLX -> torch
@@ -49,7 +50,7 @@ def load(path_or_id, **kwargs):
 
 def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64):
     """A checkpoint in the torch layout to the MLX layout, cast to ``dtype`` and quantized if asked
-    (decay, skip and read-weight parameters stay as they are: the model's cast and quant predicates)."""
+    (decay, skip, read-weight parameters and thresholds stay as they are: the model's cast and quant predicates)."""
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
