@@ -96,7 +96,7 @@ class DLAMixer(nn.Module):
 
     In training mode every forward sets ``boundaries = (opened, tokens)``, int64 on the layer's device:
     ``opened`` [H] the tokens of this forward that opened a state, per head, and ``tokens`` [] the tokens
-    that could have (each sequence's first token cannot). With a cache that continues sequences, only this
+    that could have (not padding, nor a sequence's first token). With a cache that continues sequences, only this
     call's tokens count. Outside training ``boundaries`` keeps its last value (None before any).
     Subclasses implement ``reset_read_weights``.
     """
@@ -127,9 +127,10 @@ class DLAMixer(nn.Module):
         return o
 
     def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()`` ... move ``tau`` with the model but leave it float32."""
         tau = self.tau
         super()._apply(fn, recurse)
-        if self.tau.dtype != tau.dtype:  # moved, not cast
+        if self.tau.dtype != tau.dtype:
             self.tau = tau.to(self.tau.device)
         return self
 
