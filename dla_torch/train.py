@@ -10,6 +10,11 @@ writes to ``out``: ``metrics.jsonl`` (one line per logged step and per validatio
 and at the end ``model/`` in the Hugging Face layout (`dla_torch.models.from_pretrained` loads it). A run
 restarted with the same ``out`` resumes from its latest checkpoint; ``train.stop_at`` ends a run early
 (after a checkpoint) for jobs with a time limit.
+
+With the ``dla`` policy, every step records each layer's boundary rate (the share of the step's tokens that
+opened a state, mean, min and max over heads), and when the model's ``dla.target_rate`` is set, every head's
+threshold ``tau`` follows it after each optimizer step: ``tau <- tau * exp(train.tau_eta * (rate - target))``
+(DESIGN section 2), with the counts summed over micro-batches and ranks so that every rank holds the same tau.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from tqdm import tqdm
 
 from .data import PackedTokens, load_tokenizer, read_documents
 from .models.hub import model_types, save_pretrained
+from .models.layers import dla_mixers
 
 DEFAULTS = {
     "out": "runs/dla",
@@ -42,7 +48,7 @@ DEFAULTS = {
               "warmup": 100, "schedule": "cosine", "decay_fraction": 0.2, "weight_decay": 0.1,
               "betas": [0.9, 0.95], "clip": 1.0, "log_every": 10, "eval_every": 200, "eval_rows": 16,
               "save_every": 500, "seed": 0, "parallel": "ddp", "dtype": "bf16", "activation_checkpointing": False,
-              "compile": False, "resume": True, "stop_at": None},
+              "compile": False, "resume": True, "stop_at": None, "tau_eta": 0.1},
 }
 # Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
 NO_DECAY = ("A_log", "dt_bias", "D", "L")
@@ -92,6 +98,10 @@ def _check(config):
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
     if t["stop_at"] is not None and not (isinstance(t["stop_at"], int) and 0 < t["stop_at"] < t["steps"]):
         raise ValueError(f"train.stop_at must be a step between 1 and train.steps - 1, got {t['stop_at']!r}")
+    eta = t["tau_eta"]
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"train.tau_eta (the threshold controller's step size) must be a finite number > 0, "
+                         f"got {eta!r}")
     if config["model"].get("type") not in model_types():
         raise ValueError(f"model.type must be one of {sorted(model_types())}, got {config['model'].get('type')!r}")
     if not config["data"]["tokenizer"] or not config["data"]["train"]:
@@ -140,8 +150,12 @@ class Trainer:
         self.model = cls(cls.config_class.from_dict(fields)).to(self.device)
         self.model.activation_checkpointing = t["activation_checkpointing"]
         self.module = self.model
+        dla = self.model.config.dla
+        self.mixers = dla_mixers(self.model) if dla.policy == "dla" else []  # they report their boundaries
+        self.target_rate = dla.target_rate
         if self.world > 1 and t["parallel"] == "ddp":
-            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+            # The only buffers are the thresholds, which every rank updates alike from the same summed counts.
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
         elif self.world > 1:
             from torch.distributed.fsdp import fully_shard
 
@@ -172,6 +186,7 @@ class Trainer:
         t = self.t
         self.module.train()
         total = torch.zeros((), device=self.device)
+        boundaries = []  # per micro-batch: every layer's boundaries per head, and its tokens
         for micro in range(t["grad_accum"]):
             index = (self.step * t["grad_accum"] + micro) * self.world + self.rank
             sync = micro == t["grad_accum"] - 1 or not hasattr(self.module, "no_sync")
@@ -179,13 +194,39 @@ class Trainer:
                 loss = self.loss(index, self.train_rows) / t["grad_accum"]
                 loss.backward()
             total += loss.detach()
+            if self.mixers:
+                boundaries.append(self.boundary_counts())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": _mean(total), "grad_norm": float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0]}
+        record = {"step": self.step, "loss": _mean(total), "grad_norm": float(grad_norm),
+                  "lr": self.scheduler.get_last_lr()[0]}
+        if self.mixers:
+            rate = self.follow_target_rate(torch.stack(boundaries).sum(0))
+            record["boundary_rate"] = {"mean": rate.mean(1).tolist(), "min": rate.amin(1).tolist(),
+                                       "max": rate.amax(1).tolist()}
+        return record
+
+    def boundary_counts(self) -> torch.Tensor:
+        """The last forward's boundaries per layer and head, and its tokens: int64 [layers, H + 1]."""
+        return torch.stack([torch.cat([opened, tokens.reshape(1)]) for opened, tokens in
+                            (mixer.boundaries for mixer in self.mixers)])
+
+    @torch.no_grad()
+    def follow_target_rate(self, counts: torch.Tensor) -> torch.Tensor:
+        """Sum the step's counts over ranks and move every head's tau toward the target rate (a layer that
+        saw no tokens keeps its tau). Returns the step's boundary rates, float64 [layers, H]."""
+        if self.world > 1:
+            dist.all_reduce(counts)
+        opened, tokens = counts[:, :-1].double(), counts[:, -1:].double()
+        rate = opened / tokens
+        if self.target_rate is not None:
+            factor = torch.where(tokens > 0, torch.exp(self.t["tau_eta"] * (rate - self.target_rate)), 1.0)
+            for mixer, f in zip(self.mixers, factor):
+                mixer.tau.copy_(mixer.tau.double() * f)
+        return rate.cpu()
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -260,7 +301,7 @@ class Trainer:
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
             history.append(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **_rate_summary(record))
             if self.step % t["log_every"] == 0 or self.step == t["steps"]:
                 self.log(record)
             if self.valid_rows is not None and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
@@ -275,6 +316,15 @@ class Trainer:
         bar.close()
         self.export()
         return history
+
+
+def _rate_summary(record: dict) -> dict:
+    """The progress bar's boundary rate: the mean over all layers and heads, and the extremes."""
+    if "boundary_rate" not in record:
+        return {}
+    rate = record["boundary_rate"]
+    mean = sum(rate["mean"]) / len(rate["mean"])
+    return {"rate": f"{mean:.3f} [{min(rate['min']):.3f}, {max(rate['max']):.3f}]"}
 
 
 def _init_distributed():

@@ -1,4 +1,5 @@
-"""The training program: a tiny run learns; DDP and FSDP2 equal one process; resume equals no stop."""
+"""The training program: a tiny run learns; DDP and FSDP2 equal one process; resume equals no stop; the
+thresholds follow the target rate alike on every rank."""
 
 import json
 import random
@@ -10,10 +11,22 @@ import torch
 
 from dla_torch.data import PackedTokens, load_tokenizer
 from dla_torch.models import from_pretrained
+from dla_torch.models.layers import dla_mixers
 from dla_torch.train import DEFAULTS, Trainer, load_config, lr_factor, main
 from helpers import WORDS, make_tokenizer
 
-
+# dla-train, then every rank saves its thresholds (checkpoints and the export hold rank 0's only).
+TRAIN_AND_SAVE_TAU = """
+import sys
+import torch
+import torch.distributed as dist
+from dla_torch.models.layers import dla_mixers
+from dla_torch.train import Trainer, load_config
+trainer = Trainer(load_config(None, sys.argv[2::2]))
+trainer.fit()
+torch.save(torch.stack([m.tau for m in dla_mixers(trainer.model)]), trainer.out / f"tau_rank{trainer.rank}.pt")
+dist.destroy_process_group()
+"""
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -42,10 +55,21 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def run(args, processes=1):
-    command = [sys.executable, "-m", "dla_torch.train"] + [a for s in args for a in ("--set", s)]
-    if processes > 1:
-        command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "dla_torch.train"]
+def boundary_rates(out):
+    return [r["boundary_rate"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def thresholds(model):
+    """Every layer's tau: [layers, H]."""
+    return torch.stack([mixer.tau for mixer in dla_mixers(model)])
+
+
+def run(args, processes=1, script=None):
+    """dla-train (or ``script``, which takes the same ``--set`` arguments), in one process or under torchrun."""
+    program = [str(script)] if script else ["-m", "dla_torch.train"]
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 else []
+    command = [sys.executable, *launcher, *program] + [a for s in args for a in ("--set", s)]
     subprocess.run(command, check=True, capture_output=True, text=True)
 
 
@@ -57,17 +81,23 @@ def test_tiny_run_learns_and_exports_a_loadable_model(corpus, tmp_path, capsys):
     valid = [r["valid_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "valid_loss" in r]
     assert len(valid) == 3 and valid[-1] < valid[0]
+    rates = boundary_rates(out)
+    assert all(len(r[stat]) == 2 for r in rates for stat in ("mean", "min", "max"))
+    assert all(0 <= low <= mean <= high <= 1 for r in rates for low, mean, high in zip(r["min"], r["mean"], r["max"]))
     model = from_pretrained(out / "model")
     assert (out / "model" / "tokenizer.json").exists()
-    assert "trained 30 steps" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "trained 30 steps" in printed.out and "rate=" in printed.err  # the progress bar's rate summary
     ids = torch.randint(0, 300, (1, 20))
     assert model(ids).shape == (1, 20, model.config.vocab_size)
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
+    script = tmp_path / "train_and_save_tau.py"
+    script.write_text(TRAIN_AND_SAVE_TAU)
     run(settings(corpus, tmp_path / "one", grad_accum=2))
-    run(settings(corpus, tmp_path / "ddp"), processes=2)
-    run(settings(corpus, tmp_path / "fsdp", parallel="fsdp"), processes=2)
+    run(settings(corpus, tmp_path / "ddp"), processes=2, script=script)
+    run(settings(corpus, tmp_path / "fsdp", parallel="fsdp"), processes=2, script=script)
     one = losses(tmp_path / "one")
     assert len(one) == 4
     torch.testing.assert_close(losses(tmp_path / "ddp"), one, rtol=1e-5, atol=1e-6)
@@ -76,6 +106,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
         a, b = from_pretrained(tmp_path / "one" / "model"), from_pretrained(tmp_path / name / "model")
         for (n, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+        rank0, rank1 = (torch.load(tmp_path / name / f"tau_rank{r}.pt") for r in (0, 1))
+        torch.testing.assert_close(rank1, rank0, rtol=0, atol=0)  # every rank holds the same thresholds
+        torch.testing.assert_close(rank0, thresholds(a), rtol=1e-6, atol=0)
+        assert (thresholds(b) == rank0).all()
+    assert (thresholds(a) != torch.tensor(0.6)).all()  # they moved
 
 
 def test_resumed_run_continues_like_an_uninterrupted_one(corpus, tmp_path):
@@ -86,6 +121,9 @@ def test_resumed_run_continues_like_an_uninterrupted_one(corpus, tmp_path):
     whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
     assert len(parts) == 6
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
+    tau = [thresholds(from_pretrained(tmp_path / name / "model")) for name in ("whole", "parts")]
+    torch.testing.assert_close(tau[1], tau[0], rtol=0, atol=0)
+    assert (tau[0] != torch.tensor(0.6)).all()
     records = (tmp_path / "parts" / "metrics.jsonl").read_text()
     assert '"event": "resumed", "step": 3' in records
 
@@ -123,15 +161,45 @@ def test_config_errors_name_the_field(corpus, tmp_path):
         load_config(None, good + ["train.steps"])
     with pytest.raises(ValueError, match=r"model.type must be one of"):
         load_config(None, good + ["model.type=gpt2"])
+    for eta in (0, -0.1, float("inf"), "fast"):
+        with pytest.raises(ValueError, match=r"train.tau_eta \(.*\) must be a finite number > 0"):
+            load_config(None, good + [f"train.tau_eta={json.dumps(eta)}"])
     with pytest.raises(ValueError, match=r"data.eos_token '<eos>' is not in the tokenizer"):
         Trainer(load_config(None, good + ["data.eos_token=<eos>"]))
 
 
 def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):
-    results = []
+    results, taus = [], []
     for recompute in (False, True):
         args = settings(corpus, tmp_path / str(recompute), steps=3, activation_checkpointing=recompute)
         trainer = Trainer(load_config(None, args))
         assert trainer.model.activation_checkpointing is recompute
-        results.append([trainer.train_step()["loss"] for _ in range(3)])
-    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+        results.append([trainer.train_step() for _ in range(3)])
+        taus.append(thresholds(trainer.model))
+    for before, after in zip(*results):
+        torch.testing.assert_close(after["loss"], before["loss"], rtol=1e-6, atol=1e-7)
+        assert after["boundary_rate"] == before["boundary_rate"]
+    torch.testing.assert_close(taus[1], taus[0], rtol=0, atol=0)
+
+
+def test_thresholds_follow_the_target_rate(corpus, tmp_path):
+    """A high target rate lowers the thresholds, a low one raises them, and the measured rate approaches
+    each target; the exported model carries the final thresholds."""
+    tau = {}
+    for target in (0.05, 0.5):
+        args = settings(corpus, tmp_path / str(target), steps=16, tau_eta=0.5) + [f"model.dla.target_rate={target}"]
+        trainer = Trainer(load_config(None, args))
+        rates = [sum(r["mean"]) / len(r["mean"]) for r in (trainer.train_step()["boundary_rate"] for _ in range(16))]
+        assert abs(sum(rates[-5:]) / 5 - target) < abs(rates[0] - target) / 2, rates  # noisy from step to step
+        tau[target] = thresholds(trainer.model)
+        trainer.export()
+        torch.testing.assert_close(thresholds(from_pretrained(tmp_path / str(target) / "model")), tau[target],
+                                   rtol=0, atol=0)
+    assert (tau[0.5] < tau[0.05]).all(), tau
+
+
+def test_thresholds_stay_fixed_without_a_target_rate(corpus, tmp_path):
+    trainer = Trainer(load_config(None, settings(corpus, tmp_path) + ["model.dla.target_rate=null"]))
+    records = [trainer.train_step() for _ in range(3)]
+    assert (thresholds(trainer.model) == torch.tensor(0.6)).all()
+    assert all(len(r["boundary_rate"]["mean"]) == 2 for r in records)  # the rates are still measured
