@@ -28,6 +28,7 @@ torch.save(torch.stack([m.tau for m in dla_mixers(trainer.model)]), trainer.out 
 dist.destroy_process_group()
 """
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Random word documents as JSONL (train, valid) and a byte-level BPE tokenizer trained on them."""
