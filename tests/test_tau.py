@@ -112,14 +112,21 @@ def test_the_op_runs_with_each_heads_tau(kind, monkeypatch):
 
 # -- boundaries in training ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize("layout, checkpointing", [("packed", False), ("packed", True), ("left-padded", False)],
+                         ids=["packed", "packed-activation-checkpointing", "left-padded"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_training_forward_records_the_oracles_boundaries(kind, checkpointing, recorded):
+def test_training_forward_records_the_oracles_boundaries(kind, layout, checkpointing, recorded):
+    """Each layer's boundaries per head are the oracle's on that layer's inputs; a document's first token
+    and padding are not counted (two documents of 17 and 43 tokens: 58 tokens either way)."""
     model = per_head(kind).train()
     model.activation_checkpointing = checkpointing
-    x = ids(T=60, B=1)
-    cu = torch.tensor([0, 17, 60])  # two documents: each one's first token cannot open a state
-    model(x, cu_seqlens=cu).sum().backward()
+    if layout == "packed":
+        kw = {"cu_seqlens": torch.tensor([0, 17, 60])}
+        x = ids(T=60, B=1)
+    else:
+        x = ids(T=43)
+        kw = {"mask": torch.arange(43) >= torch.tensor([[26], [0]])}
+    model(x, **kw).sum().backward()
     assert len(recorded) == (4 if checkpointing else 2)  # the recompute runs each layer's op again
     for mixer, call in zip(dla_mixers(model), recorded):
         opened, tokens = mixer.boundaries
