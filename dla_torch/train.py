@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .data import PackedTokens, load_tokenizer, read_documents
 from .models.hub import model_types, save_pretrained
 from .models.layers import dla_mixers
+from .thresholds import follow_target_rate, step_counts
 
 DEFAULTS = {
     "out": "runs/dla",
@@ -195,7 +196,7 @@ class Trainer:
                 loss.backward()
             total += loss.detach()
             if self.mixers:
-                boundaries.append(self.boundary_counts())
+                boundaries.append(step_counts(self.mixers))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"])
         self.optimizer.step()
         self.scheduler.step()
@@ -204,29 +205,13 @@ class Trainer:
         record = {"step": self.step, "loss": _mean(total), "grad_norm": float(grad_norm),
                   "lr": self.scheduler.get_last_lr()[0]}
         if self.mixers:
-            rate = self.follow_target_rate(torch.stack(boundaries).sum(0))
+            counts = torch.stack(boundaries).sum(0)
+            if self.world > 1:  # every rank then holds the same thresholds
+                dist.all_reduce(counts)
+            rate = follow_target_rate(self.mixers, counts, self.target_rate, t["tau_eta"])
             record["boundary_rate"] = {"mean": rate.mean(1).tolist(), "min": rate.amin(1).tolist(),
                                        "max": rate.amax(1).tolist()}
         return record
-
-    def boundary_counts(self) -> torch.Tensor:
-        """The last forward's boundaries per layer and head, and its tokens: int64 [layers, H + 1]."""
-        return torch.stack([torch.cat([opened, tokens.reshape(1)]) for opened, tokens in
-                            (mixer.boundaries for mixer in self.mixers)])
-
-    @torch.no_grad()
-    def follow_target_rate(self, counts: torch.Tensor) -> torch.Tensor:
-        """Sum the step's counts over ranks and move every head's tau toward the target rate (a layer that
-        saw no tokens keeps its tau). Returns the step's boundary rates, float64 [layers, H]."""
-        if self.world > 1:
-            dist.all_reduce(counts)
-        opened, tokens = counts[:, :-1].double(), counts[:, -1:].double()
-        rate = opened / tokens
-        if self.target_rate is not None:
-            factor = torch.where(tokens > 0, torch.exp(self.t["tau_eta"] * (rate - self.target_rate)), 1.0)
-            for mixer, f in zip(self.mixers, factor):
-                mixer.tau.copy_(mixer.tau.double() * f)
-        return rate.cpu()
 
     @torch.no_grad()
     def validate(self) -> float:
