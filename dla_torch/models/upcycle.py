@@ -13,6 +13,7 @@ gated MLP, Log-Linear's plain ``softplus(L * dl)`` read weights, and ``capacity`
 ``fenwick`` policy then computes log-linear attention.
 
     dla-upcycle path/to/mamba2-hf out/dla-mamba2 --policy dla --capacity 30
+    dla-upcycle path/to/mamba2-hf out/dla-mamba2 --calibrate-data sample.txt --rate 0.125   # then dla-calibrate
 """
 
 from __future__ import annotations
@@ -138,11 +139,27 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=30)
     p.add_argument("--threshold", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--calibrate-data", nargs="+", metavar="FILE", help="then set every head's threshold for --rate "
+                   "over these .txt / .jsonl files (as dla-calibrate does)")
+    p.add_argument("--rate", type=float, help="the target open rate of --calibrate-data, in (0, 1)")
     args = p.parse_args(argv)
+    if (args.calibrate_data is None) != (args.rate is None) or args.calibrate_data and args.policy != "dla":
+        p.error("--calibrate-data and --rate go together, with --policy dla")
+    if args.rate is not None and not 0 < args.rate < 1:
+        p.error(f"--rate must be in (0, 1), got {args.rate}")
     dla = DLAConfig(policy=args.policy, capacity=args.capacity, threshold=args.threshold, block_size=args.block_size)
     model = upcycle(args.source, dla, args.out)
     print(f"wrote {args.out}: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"policy {dla.policy}")
+    if args.calibrate_data:
+        from dla_torch.calibrate import calibrate_folder
+
+        try:
+            result = calibrate_folder(args.out, args.calibrate_data, args.rate)
+        except (OSError, ValueError) as error:
+            p.error(f"--calibrate-data: {error}")
+        print(result.table())
+        return 1 if result.missed else 0
     return 0
 
 
