@@ -17,7 +17,7 @@ from dla_shared import DLAConfig, dla_attention
 from dla_shared.hub import DEFAULT_MODEL
 from dla_torch import calibrate as calibrate_cli
 from dla_torch import inspect as inspect_cli
-from dla_torch.boundaries import load_checkpoint, read_text, record_layer, weights_layout
+from dla_torch.boundaries import load_checkpoint, read_text, record_layer, save_thresholds, weights_layout
 from dla_torch.calibrate import TOLERANCE, calibrate_folder
 from dla_torch.inspect import inspect_model
 from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
@@ -260,3 +260,36 @@ def test_upcycle_refuses_a_rate_without_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         upcycle_cli([str(tmp_path), str(tmp_path / "out"), "--rate", "0.1"])
     assert "--calibrate-data and --rate go together" in capsys.readouterr().err
+
+
+def test_thresholds_go_into_sharded_weights_beside_each_layers_L(folders, tmp_path):
+    """A checkpoint made before tau, in two shards with an index: each layer's tau is written into the shard
+    that holds its L, and the index names it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(folders["mamba2", "torch"], folder)
+    weights = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.endswith(".tau")}
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in weights.items() if ".layers.1." not in k},
+              "model-00002-of-00002.safetensors": {k: v for k, v in weights.items() if ".layers.1." in k}}
+    for name, tensors in shards.items():
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    checkpoint = load_checkpoint(folder)
+    np.testing.assert_array_equal(checkpoint.thresholds(), np.float32(0.6))  # filled from the config
+    taus = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]], np.float32)
+    for mixer, tau in zip(dla_mixers(checkpoint.model), taus):
+        mixer.tau.copy_(torch.from_numpy(tau))
+    save_thresholds(checkpoint, tmp_path / "out")
+
+    weight_map = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    for layer in range(2):
+        name = f"backbone.layers.{layer}.mixer.tau"
+        assert weight_map[name] == weight_map[f"backbone.layers.{layer}.mixer.L"]
+        assert name in load_file(tmp_path / "out" / weight_map[name])
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "out").thresholds(), taus)
+    assert not any(k.endswith(".tau") for k in load_file(folder / "model-00001-of-00002.safetensors")), \
+        "--out leaves the source alone"
