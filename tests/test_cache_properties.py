@@ -6,6 +6,7 @@ numpy float64 oracle runs them; `dla_shared.policy.step` is driven directly wher
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dla_shared import DLAConfig, dla_attention, inspect, policy
+from dla_shared import DLAConfig, DLAState, dla_attention, inspect, policy
 from dla_shared.config import SCORES
 
 import dla_torch
@@ -22,7 +23,6 @@ from helpers import POLICIES, make_inputs, to_numpy, to_torch
 
 FAST = settings(max_examples=120, deadline=None)
 TRANSITIONS = {"diagonal": False, "delta": True}
-STATE_FIELDS = ("S", "n", "ibar", "pos")
 
 
 class Case(NamedTuple):
@@ -37,27 +37,30 @@ class Case(NamedTuple):
 
 
 @st.composite
-def configs(draw, policies=POLICIES, merges=("density", "oldest"), T=40) -> DLAConfig:
-    """A config whose cache is small enough that merges happen within ``T`` tokens."""
+def configs(draw, policies=POLICIES, merges=("density", "oldest"), T=40, H=None) -> DLAConfig:
+    """A config whose cache is small enough that merges happen within ``T`` tokens; with ``H``, the
+    threshold is one number or one per head."""
     name = draw(st.sampled_from(policies))
     merge = draw(st.sampled_from(merges))
     if name == "fenwick":  # enough levels for T tokens: T <= 2 ** (capacity - 1)
         capacity = draw(st.integers(max(2, (T - 1).bit_length() + 1), 8))
     else:
         capacity = draw(st.integers(2, 5))
+    threshold = st.floats(0.05, 1.5)
+    threshold = threshold if H is None else threshold | st.tuples(*[threshold] * H)
     return DLAConfig(policy=name, capacity=capacity, merge=merge, score=draw(st.sampled_from(SCORES)),
-                     threshold=draw(st.floats(0.05, 1.5)), block_size=draw(st.integers(1, 7)))
+                     threshold=draw(threshold), block_size=draw(st.integers(1, 7)))
 
 
 @st.composite
 def cases(draw, policies=POLICIES, merges=("density", "oldest"), layouts=("batch",), delta=None) -> Case:
     """Random inputs; ``layout`` is ``batch`` (B rows), ``mask`` (rows with random padding) or ``packed``
     (sequences packed in one row with ``cu_seqlens``)."""
-    T = draw(st.integers(1, 40))
-    config = draw(configs(policies, merges, T))
+    T, H = draw(st.integers(1, 40)), draw(st.integers(1, 2))
+    config = draw(configs(policies, merges, T, H))
     layout = draw(st.sampled_from(layouts))
     B = 1 if layout == "packed" else draw(st.integers(1, 2))
-    H, Dk, Dv = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    Dk, Dv = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     delta = draw(st.booleans()) if delta is None else delta
     seed = draw(st.integers(0, 2**32 - 1))
     x = make_inputs(config, B=B, T=T, H=H, Dk=Dk, Dv=Dv, delta=delta, seed=seed, switch=draw(st.floats(0, 0.5)))
@@ -177,6 +180,18 @@ def test_token_counts_sum_to_tokens_seen(case):
 
 
 @FAST
+@given(cases(layouts=("batch", "mask", "packed")))
+def test_opened_counts_the_boundaries_after_each_sequence_first_token(case):
+    trace = run_inspect(case)
+    boundaries = trace.opened & (trace.pos > 0)[..., None]  # [B, T, H]
+    if case.cu_seqlens is None:
+        expected = boundaries.sum(1)
+    else:
+        expected = [boundaries[0, s:e].sum(0) for s, e in zip(case.cu_seqlens[:-1], case.cu_seqlens[1:])]
+    np.testing.assert_array_equal(run_final(case).opened, expected)
+
+
+@FAST
 @given(cases(), st.data())
 def test_token_counts_sum_to_tokens_seen_across_a_continued_sequence(case, data):
     T = case.x["q"].shape[1]
@@ -259,6 +274,7 @@ def test_density_merge_takes_the_least_dense_adjacent_pair(case):
     merges = 0
     for b in range(B):
         for h in range(H):
+            head_config = dataclasses.replace(config, threshold=float(config.thresholds(H)[h]))
             n, ibar, pos = np.zeros(L, np.int64), np.zeros(L), 0
             for t in range(T):
                 if trace.pos[b, t] < 0:
@@ -274,7 +290,7 @@ def test_density_merge_takes_the_least_dense_adjacent_pair(case):
                     np.testing.assert_array_equal(trace.n[b, t, h], np.add(merged(n, i), [1] + [0] * (L - 1)))
                 else:
                     assert not (full and trace.opened[b, t, h]), "a full cache opened a state without merging"
-                s = policy.step(config, n, ibar, pos, score)
+                s = policy.step(head_config, n, ibar, pos, score)
                 n, ibar = policy.apply(s.dest, n), policy.apply(s.dest, ibar)
                 n[0] += 1
                 ibar[0] += score
@@ -334,7 +350,7 @@ def assert_padding_changes_nothing(o, state, o_pad, state_pad, mask, places, tol
     for b, p in enumerate(places):
         np.testing.assert_allclose(o_pad[b, p], o[b], rtol=0, atol=tol)
     np.testing.assert_array_equal(o_pad[~mask], 0)
-    for name in STATE_FIELDS:
+    for name in DLAState.FIELDS:
         np.testing.assert_allclose(getattr(state_pad, name), getattr(state, name), rtol=0, atol=tol,
                                    err_msg=name)
 

@@ -37,7 +37,7 @@ def call(entry: str, args: dict, **extra):
 
     def to_backend(x):
         if isinstance(x, DLAState):
-            return DLAState(*(convert(getattr(x, f)) for f in ("S", "n", "ibar", "pos")))
+            return DLAState(*(convert(getattr(x, f)) for f in DLAState.FIELDS))
         return convert(x) if isinstance(x, np.ndarray) else x
 
     return ENTRY_POINTS[entry](**{name: to_backend(x) for name, x in args.items()}, **extra)
@@ -58,8 +58,9 @@ def one_row(**changes):
     return mutate
 
 
-def empty_state(N=B, S=(B, H, L, Dk, Dv), n=(B, H, L)) -> DLAState:
-    return DLAState(np.zeros(S, np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(N, np.int64))
+def empty_state(N=B, S=(B, H, L, Dk, Dv), n=(B, H, L), opened=None) -> DLAState:
+    return DLAState(np.zeros(S, np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(N, np.int64),
+                    np.zeros(opened or (N, H), np.int64))
 
 
 ones_mask = lambda *shape: np.ones(shape, bool)
@@ -107,12 +108,16 @@ BAD_INPUTS = [
     bad(with_(initial_state=empty_state(n=(B, H, L + 1))), ValueError, r"initial_state\.n must have shape",
         "initial_state-n-wrong-slots"),
     bad(with_(initial_state=empty_state(N=B + 1)), ValueError, r"initial_state\.pos must have shape", "initial_state-pos-wrong-N"),
+    bad(with_(initial_state=empty_state(opened=(B, H + 1))), ValueError,
+        r"initial_state\.opened must have shape \[2, 2\]", "initial_state-opened-wrong-heads"),
     bad(one_row(cu_seqlens=np.array([0, 2, T]), initial_state=empty_state(N=1, S=(1, H, L, Dk, Dv), n=(1, H, L))),
         ValueError, r"initial_state\.S must have shape \[2, ", "initial_state-batch-not-num-sequences"),
     bad(with_(initial_state={"S": None}), TypeError, r"initial_state must be a DLAState", "initial_state-dict"),
     # config
     bad(with_(config={"policy": "dla"}), TypeError, r"config must be a DLAConfig, got dict", "config-dict"),
     bad(with_(config=None), TypeError, r"config must be a DLAConfig, got NoneType", "config-None"),
+    bad(with_(config=DLAConfig(policy="dla", capacity=3, threshold=(0.2, 0.4, 0.6))), ValueError,
+        r"DLAConfig\.threshold has 3 values, one per head, but the input has H = 2 heads", "threshold-wrong-length"),
 ]
 
 

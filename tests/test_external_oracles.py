@@ -67,7 +67,8 @@ def _single_state(x, backend):
     """The delta-rule single-state DLA from the initial state S0; o and final S [B, H, Dk, Dv]."""
     B, _, H, Dk = x["q"].shape
     S0 = x["S0"][:, :, None]
-    state = dla_shared.DLAState(S0, np.ones((B, H, 1), np.int64), np.zeros((B, H, 1)), np.ones(B, np.int64))
+    state = dla_shared.DLAState(S0, np.ones((B, H, 1), np.int64), np.zeros((B, H, 1)), np.ones(B, np.int64),
+                                np.zeros((B, H), np.int64))
     inputs = [x[n] for n in NAMES]
     if backend == "torch":
         o, final = dla_torch.dla_attention(*to_torch(inputs, torch.float32), config=config_for("single"),

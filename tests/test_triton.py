@@ -42,7 +42,10 @@ def run_scans(config, x, active, state, chunk_size):
 @pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_scan_kernel_equals_torch_scan(policy, delta, dtype, poisoned_outputs):
-    config = config_for(policy)
+    """token_drift: in float32, state_drift's score loses digits to cancellation where the token is small
+    against the state, so its ibar sums differ by more than 1e-6 between summation orders (state_drift:
+    the test below, in float64)."""
+    config = config_for(policy, score="token_drift")
     T = 45
     x = make_inputs(config, 2, T + 20, 1, 5, 3, delta=delta, seed=1)
     state, tail = prefix_state(config, x, 20)  # continue from a cache that already holds states
@@ -59,12 +62,14 @@ def test_scan_kernel_equals_torch_scan(policy, delta, dtype, poisoned_outputs):
 
 @pytest.mark.parametrize("T", [1, 63, 65], ids=lambda T: f"T{T}")
 def test_scan_kernel_short_and_partial_chunks(T):
-    config = config_for("dla")
+    """The default score, a threshold per head; the bookkeeping (n, ibar, pos, opened) too."""
+    config = config_for("dla", threshold=(0.2, 0.6))
     x = to_torch(make_inputs(config, 1, T, 2, 3, 4, delta=True, seed=T))
     state = empty_state(1, 2, config.num_slots, 3, 4, torch.float64)
     (sigma, book), (sigma2, book2) = run_scans(config, x, torch.ones(1, T, dtype=torch.bool), state, 64)
     torch.testing.assert_close(sigma2, sigma, rtol=0, atol=0)
-    torch.testing.assert_close(book2[0], book[0], rtol=0, atol=0)
+    for a, b in zip(book, book2):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("delta", TRANSITIONS)

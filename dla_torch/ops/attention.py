@@ -38,7 +38,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         g: [B, T, H] log decay (<= 0); every state is multiplied by exp(g_t).
         lam: [B, T, H, L] read weights, L = config.num_slots (slot 0 = newest state); None = ones.
         beta: [B, T, H] in (0, 1) for the gated delta rule; None for the diagonal transition.
-        config: the cache policy. scale: output scale.
+        config: the cache policy (a per-head threshold has H values). scale: output scale.
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
@@ -74,21 +74,22 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         bounds = cu_seqlens.tolist()
         pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
         o = torch.cat([p[0] for p in pieces], dim=1)
-        state = DLAState(*(torch.cat([getattr(p[1], f) for p in pieces]) for f in ("S", "n", "ibar", "pos")))
+        state = DLAState(*(torch.cat([getattr(p[1], f) for p in pieces]) for f in DLAState.FIELDS))
     return o.to(out_dtype), (state if output_final_state else None)
 
 
 def empty_state(N, H, L, Dk, Dv, dtype=torch.float32, device=None) -> DLAState:
-    """A DLAState with no tokens: N sequences, H heads, L slots."""
+    """A DLAState with no tokens: N sequences, H heads, L slots (the bookkeeping on the CPU)."""
     return DLAState(torch.zeros(N, H, L, Dk, Dv, dtype=dtype, device=device),
                     torch.zeros(N, H, L, dtype=torch.int64), torch.zeros(N, H, L, dtype=dtype),
-                    torch.zeros(N, dtype=torch.int64))
+                    torch.zeros(N, dtype=torch.int64), torch.zeros(N, H, dtype=torch.int64))
 
 
 def _cast_state(state: DLAState, dtype) -> DLAState:
+    """States in ``dtype`` where they are; the bookkeeping on the CPU (int64, ibar in ``dtype``)."""
     return DLAState(state.S.to(dtype), state.n.cpu().to(torch.int64), state.ibar.cpu().to(dtype),
-                    state.pos.cpu().to(torch.int64))
+                    state.pos.cpu().to(torch.int64), state.opened.cpu().to(torch.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:
-    return DLAState(*(getattr(state, f)[i : i + 1] for f in ("S", "n", "ibar", "pos")))
+    return DLAState(*(getattr(state, f)[i : i + 1] for f in DLAState.FIELDS))

@@ -16,7 +16,7 @@ from dla_shared.state import DLAState
 def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     """Run a [B, T] block from ``state`` (batch B); return (o [B, T, H, Dv], final DLAState)."""
     B, T, H, _ = q.shape
-    S, n, ibar, pos = state.S, state.n.numpy(), state.ibar.numpy(), state.pos.numpy()
+    S, n, ibar, pos, opened = state.S, state.n.numpy(), state.ibar.numpy(), state.pos.numpy(), state.opened.numpy()
     size = S.shape[-1] * S.shape[-2]
     active = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu()
     outputs = []
@@ -30,6 +30,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
             terms = [(newest * newest).sum((-2, -1)), (token * token).sum((-2, -1)), (newest * token).sum((-2, -1))]
             score = policy.score_from_terms(config, *(x.cpu().numpy() for x in terms), size)
         plan = policy.plan(config, n, ibar, pos, score, active[:, t].numpy())
+        opened = opened + (plan.opened & (pos > 0)[:, None])  # boundaries: opens after the first token
         n, ibar, pos = plan.n, plan.ibar, plan.pos
         S = torch.einsum("bhij,bhjkv->bhikv", torch.from_numpy(policy.transfer_matrix(plan.dest)).to(S), S)
         S = torch.cat([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], dim=2)
@@ -38,7 +39,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         o = scale * torch.einsum("bhl,bhk,bhlkv->bhv", lam[:, t].to(S), q[:, t].to(S), S)
         outputs.append(torch.where(on[:, None, None], o, 0))  # padding may hold NaN
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, S.shape[-1], dtype=S.dtype)
-    final = DLAState(S, torch.from_numpy(n), torch.from_numpy(ibar), torch.from_numpy(pos))
+    final = DLAState(S, *(torch.from_numpy(x) for x in (n, ibar, pos, opened)))
     return o, final
 
 

@@ -1,7 +1,8 @@
 """The decision scan as one Triton kernel: the mirror of `dla_shared.scan`, line for line.
 
 One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
-cache's bookkeeping (n, ibar, pos) in registers, and writes ``sigma`` (see `chunk.scan`). The policies of
+cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `chunk.scan`). Each head
+compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
 `dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
 tracked slot through one-hot comparisons instead of scatters.
 """
@@ -26,8 +27,8 @@ def _move(x, dest, slots, BL: tl.constexpr):
 
 
 @triton.jit
-def scan_kernel(k, v, g, beta, active, X0, n0, ibar0, pos0, sigma, n_out, ibar_out, pos_out,
-                T, H, threshold, eps,
+def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0, sigma, n_out, ibar_out, pos_out,
+                opened_out, T, H, eps,
                 L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr,
                 POLICY: tl.constexpr, STATE_DRIFT: tl.constexpr, OLDEST: tl.constexpr,
@@ -41,6 +42,8 @@ def scan_kernel(k, v, g, beta, active, X0, n0, ibar0, pos0, sigma, n_out, ibar_o
     n = tl.load(n0 + i_bh * L + rl, mask=ml, other=0)
     ibar = tl.load(ibar0 + i_bh * L + rl, mask=ml, other=0)
     pos = tl.load(pos0 + i_b)
+    count = tl.load(opened0 + i_bh)
+    threshold = tl.load(thresholds + i_h)
     size = DK * DV
     slot_of = tl.where(rs < L, rs, -1)
     for t in range(0, T):
@@ -89,7 +92,7 @@ def scan_kernel(k, v, g, beta, active, X0, n0, ibar0, pos0, sigma, n_out, ibar_o
             if POLICY == 2:
                 opens = (pos % BLOCK_SIZE) == 0
             else:
-                opens = score >= threshold
+                opens = score.to(tl.float64) >= threshold
             opened = empty | opens
             # Full: merge the pair (p, p + 1) first, then everything moves one slot older.
             nxt_n = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, n[None, :], 0), axis=1)
@@ -112,11 +115,13 @@ def scan_kernel(k, v, g, beta, active, X0, n0, ibar0, pos0, sigma, n_out, ibar_o
         slot_of = tl.where(slot_of >= 0, moved, -1)
         slot_of = tl.where(on & (rs == L + j_chunk), 0, slot_of)
         X = tl.where(on, tl.where(opened, token, S_new + token), X)
+        count = tl.where(on & opened & (pos > 0), count + 1, count)  # boundaries: opens after the first token
         pos = tl.where(on, pos + 1, pos)
         tl.store(sigma + (i_bh * T + t) * (L + C) + rs, slot_of.to(tl.int16), mask=rs < L + C)
     tl.store(n_out + i_bh * L + rl, n, mask=ml)
     tl.store(ibar_out + i_bh * L + rl, ibar, mask=ml)
     tl.store(pos_out + i_b, pos, mask=i_h == 0)
+    tl.store(opened_out + i_bh, count)
 
 
 def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
@@ -130,14 +135,17 @@ def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
     n = torch.empty(B, H, L, dtype=torch.int32, device=device)
     ibar = torch.empty(B, H, L, dtype=dtype, device=device)
     pos = torch.empty(B, dtype=torch.int32, device=device)
+    opened = torch.empty(B, H, dtype=torch.int32, device=device)
+    thresholds = torch.from_numpy(config.thresholds(H)).to(device)
     c = lambda x: x.contiguous()
+    i32 = lambda x: x.to(device, torch.int32).contiguous()
     scan_kernel[(B * H,)](
-        c(k), c(v), c(g), c(g if beta is None else beta), c(active.to(torch.int8)), c(state.S[:, :, 0]),
-        c(state.n.to(device, torch.int32)), c(state.ibar.to(device, dtype)), c(state.pos.to(device, torch.int32)),
-        sigma, n, ibar, pos, T, H, float(config.threshold), float(config.eps),
+        c(k), c(v), c(g), c(g if beta is None else beta), c(active.to(torch.int8)), thresholds, c(state.S[:, :, 0]),
+        i32(state.n), c(state.ibar.to(device, dtype)), i32(state.pos), i32(state.opened),
+        sigma, n, ibar, pos, opened, T, H, float(config.eps),
         L=L, C=chunk_size, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=triton.next_power_of_2(Dv),
         BL=triton.next_power_of_2(L), BS=triton.next_power_of_2(L + chunk_size),
         POLICY=policy.POLICY_IDS[config.policy], STATE_DRIFT=config.score == "state_drift",
         OLDEST=config.merge == "oldest", BLOCK_SIZE=config.block_size, DELTA=beta is not None,
     )
-    return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long())
+    return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long(), opened.cpu().long())
