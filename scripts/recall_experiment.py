@@ -1,16 +1,19 @@
 """The paper's claim at small scale: does DLA's adaptive state cache help recall?
 
-Trains one tiny language model per (transition, policy) on a mix of MQAR and needle-in-a-haystack sequences
-(`dla_shared.recall`), every policy holding the same number of states, then scores each on fresh sequences:
-MQAR accuracy by sequence length and number of key-value pairs, needle accuracy by length and depth.
-Writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png`` (the curves).
+Trains one tiny language model per (transition, policy, seed) on a mix of MQAR and needle-in-a-haystack
+sequences (`dla_shared.recall`), every policy holding the same number of states, then scores each on fresh
+sequences: MQAR accuracy by sequence length and number of key-value pairs, needle accuracy by length and depth.
+Beside the accuracy it reports each policy's boundary rate (the share of tokens that opened a state, over the
+last tenth of training). Writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png`` (the curves).
 
-    python scripts/recall_experiment.py --steps 3000 --jobs 2 --out bench/recall   # the README's run (2 cores, ~30 min)
+    python scripts/recall_experiment.py --transitions delta --seeds 0 1 2 --jobs 2 --out bench/recall_rates
     python scripts/recall_experiment.py --steps 5 --lengths 32 --pairs 2  # a smoke test
 
 Models: ``dla_mamba2`` (diagonal transition) and ``dla_gated_deltanet`` (gated delta rule). Policies at a
 matched number of states K (``--states``): ``single`` (one state: the base model), ``fixed`` (a state every
-ceil(max length / K) tokens), ``fenwick`` (K Fenwick levels, Log-Linear Attention) and ``dla``.
+ceil(max length / K) tokens), ``fenwick`` (K Fenwick levels, Log-Linear Attention), ``dla-paper`` (the paper's
+reading: token_drift at the absolute threshold 0.6) and ``dla-1/4``, ``dla-1/8`` (state_drift, every head's
+threshold following target rate 1/4 or 1/8 in training, DESIGN section 2).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from dla_shared import DLAConfig, recall
 from dla_shared.plot import pyplot
 from dla_torch.models.dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from dla_torch.models.dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
+from dla_torch.models.layers import dla_mixers
+from dla_torch.thresholds import follow_target_rate, step_counts
 
-POLICIES = ("single", "fixed", "fenwick", "dla")
+POLICIES = ("single", "fixed", "fenwick", "dla-paper", "dla-1/4", "dla-1/8")
+TARGET_RATES = {"dla-1/4": 0.25, "dla-1/8": 0.125}
 TRANSITIONS = {"diagonal": "dla_mamba2", "delta": "dla_gated_deltanet"}
 
 
-def policy_config(policy: str, states: int, max_len: int, threshold: float) -> DLAConfig:
+def policy_config(policy: str, states: int, max_len: int) -> DLAConfig:
     if policy == "single":
         return DLAConfig(policy="single")
     if policy == "fenwick":
@@ -45,7 +51,9 @@ def policy_config(policy: str, states: int, max_len: int, threshold: float) -> D
         return DLAConfig(policy="fenwick", capacity=states)
     if policy == "fixed":
         return DLAConfig(policy="fixed", capacity=states, block_size=math.ceil(max_len / states))
-    return DLAConfig(policy="dla", capacity=states, threshold=threshold)
+    if policy == "dla-paper":
+        return DLAConfig(policy="dla", capacity=states, score="token_drift", threshold=0.6, target_rate=None)
+    return DLAConfig(policy="dla", capacity=states, score="state_drift", target_rate=TARGET_RATES[policy])
 
 
 def build_model(transition: str, dla: DLAConfig, args):
@@ -70,6 +78,8 @@ def batch(rng, args, size):
 
 
 def train(model, args, seed):
+    """Returns the losses and each step's boundary rate (mean over layers and heads); thresholds follow the
+    config's target rate after every step, as dla-train does."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -77,7 +87,8 @@ def train(model, args, seed):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
         math.pi * min(s / args.steps, 1)))))
     model.train()
-    losses = []
+    mixers = dla_mixers(model)
+    losses, rates = [], []
     for _ in range(args.steps):
         b = batch(rng, args, args.batch)
         logits = model(torch.from_numpy(b.inputs))
@@ -88,7 +99,10 @@ def train(model, args, seed):
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses
+        target = model.config.dla.target_rate if model.config.dla.policy == "dla" else None
+        rate = follow_target_rate(mixers, step_counts(mixers), target, args.eta)
+        rates.append(float(rate.mean()))
+    return losses, rates
 
 
 @torch.no_grad()
@@ -108,23 +122,44 @@ def evaluate(model, args):
     return rows
 
 
-def run_one(transition, policy, args):
+def run_one(transition, policy, seed, args):
     """Train and score one model; returns (result rows, run summary)."""
     torch.set_num_threads(1)
-    dla = policy_config(policy, args.states, max(args.lengths), args.threshold)
-    torch.manual_seed(args.seed)
+    dla = policy_config(policy, args.states, max(args.lengths))
+    torch.manual_seed(seed)
     model = build_model(transition, dla, args)
     start = time.perf_counter()
-    losses = train(model, args, args.seed)
-    rows = [{"transition": transition, "policy": policy, **r} for r in evaluate(model, args)]
-    run = {"transition": transition, "policy": policy, "dla": dla.to_dict(), "seconds": time.perf_counter() - start,
-           "final_loss": float(np.mean(losses[-20:]))}
-    print(f"{TRANSITIONS[transition]:<19} {policy:<8} loss {run['final_loss']:.3f}  mean accuracy "
-          f"{np.mean([r['accuracy'] for r in rows]):.3f}  ({run['seconds']:.0f} s)", flush=True)
+    losses, rates = train(model, args, seed)
+    key = {"transition": transition, "policy": policy, "seed": seed}
+    rows = [{**key, **r} for r in evaluate(model, args)]
+    tail = max(1, args.steps // 10)
+    run = {**key, "dla": dla.to_dict(), "seconds": time.perf_counter() - start,
+           "final_loss": float(np.mean(losses[-20:])), "boundary_rate": float(np.mean(rates[-tail:])),
+           "tau": [mixer.tau.tolist() for mixer in dla_mixers(model)]}
+    print(f"{TRANSITIONS[transition]:<19} {policy:<9} seed {seed}  loss {run['final_loss']:.3f}  boundary rate "
+          f"{run['boundary_rate']:.3f}  mean accuracy {np.mean([r['accuracy'] for r in rows]):.3f}  "
+          f"({run['seconds']:.0f} s)", flush=True)
     return rows, run
 
 
+def summary(results, runs) -> str:
+    """Per (transition, policy): boundary rate and mean MQAR / needle accuracy, mean over seeds (range)."""
+    lines = ["| model | policy | boundary rate | MQAR | needle | seeds |", "|---|---|---:|---:|---:|---:|"]
+    cell = lambda xs: f"{np.mean(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+    for transition, policy in sorted({(r["transition"], r["policy"]) for r in runs},
+                                     key=lambda x: (x[0], POLICIES.index(x[1]))):
+        mine = [r for r in runs if (r["transition"], r["policy"]) == (transition, policy)]
+        acc = {task: [np.mean([x["accuracy"] for x in results if x["task"] == task and (x["transition"], x["policy"],
+                               x["seed"]) == (transition, policy, r["seed"])]) for r in mine]
+               for task in ("mqar", "needle")}
+        rate = [r["boundary_rate"] for r in mine]
+        lines.append(f"| {TRANSITIONS[transition]} | {policy} | {np.mean(rate):.3f} | {cell(acc['mqar'])} | "
+                     f"{cell(acc['needle'])} | {len(mine)} |")
+    return "\n".join(lines) + "\n"
+
+
 def tables(results) -> str:
+    """Accuracy by length and pairs (MQAR) or depth (needle), mean over seeds."""
     lines = []
     for task, key in (("mqar", "pairs"), ("needle", "depth")):
         cells = sorted({(r["length"], r[key]) for r in results if r["task"] == task})
@@ -133,9 +168,8 @@ def tables(results) -> str:
         lines += [f"**{task.upper()}** accuracy", "", "| model | policy | " + " | ".join(head) + " | mean |",
                   "|---|---|" + "---:|" * (len(head) + 1)]
         for transition, policy in runs:
-            acc = {(r["length"], r[key]): r["accuracy"] for r in results
-                   if (r["task"], r["transition"], r["policy"]) == (task, transition, policy)}
-            values = [acc[c] for c in cells]
+            mine = [r for r in results if (r["task"], r["transition"], r["policy"]) == (task, transition, policy)]
+            values = [np.mean([r["accuracy"] for r in mine if (r["length"], r[key]) == c]) for c in cells]
             lines.append(f"| {TRANSITIONS[transition]} | {policy} | " + " | ".join(f"{a:.2f}" for a in values)
                          + f" | **{np.mean(values):.2f}** |")
         lines.append("")
@@ -174,7 +208,7 @@ def main(argv=None):
     p.add_argument("--transitions", nargs="+", default=list(TRANSITIONS), choices=list(TRANSITIONS))
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--states", type=int, default=7, help="states of every multi-state policy")
-    p.add_argument("--threshold", type=float, default=0.6, help="the dla policy's boundary threshold")
+    p.add_argument("--eta", type=float, default=0.1, help="the threshold controller's step size (dla-1/4, dla-1/8)")
     p.add_argument("--lengths", type=int, nargs="+", default=[32, 64])
     p.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
@@ -187,14 +221,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-n", type=int, default=64, help="sequences per evaluation cell")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="models trained at once (one CPU thread each)")
     args = p.parse_args(argv)
     if not any(4 * pairs <= min(args.lengths) for pairs in args.pairs):
         p.error("--pairs: the shortest length must hold at least one of them (4 tokens per pair)")
-    jobs = [(transition, policy, args) for transition in args.transitions for policy in args.policies]
-    for _, policy, _ in jobs:  # refuse bad settings before any training
-        policy_config(policy, args.states, max(args.lengths), args.threshold)
+    jobs = [(transition, policy, seed, args) for seed in args.seeds for transition in args.transitions
+            for policy in args.policies]
+    for policy in args.policies:  # refuse bad settings before any training
+        policy_config(policy, args.states, max(args.lengths))
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_one, jobs)
@@ -205,7 +240,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1))
-    table = tables(results)
+    table = summary(results, runs) + "\n" + tables(results)
     out.with_suffix(".md").write_text(table)
     plot(results, out.with_suffix(".png"))
     print(table)

@@ -55,10 +55,15 @@ def test_recall_experiment_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "recall"
     assert experiment.main(["--steps", "2", "--lengths", "16", "--pairs", "2", "--depths", "0.5", "--states", "5",
                             "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4", "--jobs", "2",
-                            "--out", str(out)]) == 0
-    results = json.loads(out.with_suffix(".json").read_text())["results"]
-    runs = {(r["transition"], r["policy"]) for r in results}
-    assert runs == {(t, p) for t in ("diagonal", "delta") for p in ("single", "fixed", "fenwick", "dla")}
+                            "--seeds", "0", "1", "--out", str(out)]) == 0
+    written = json.loads(out.with_suffix(".json").read_text())
+    results = written["results"]
+    runs = {(r["transition"], r["policy"], r["seed"]) for r in results}
+    assert runs == {(t, p, s) for t in ("diagonal", "delta") for p in experiment.POLICIES for s in (0, 1)}
     assert all(0 <= r["accuracy"] <= 1 for r in results)
+    rates = {(r["policy"], r["seed"]): r["boundary_rate"] for r in written["runs"] if r["transition"] == "delta"}
+    assert rates["single", 0] == 0 and rates["fenwick", 0] == 1  # one state; a new level-0 state every token
+    moved = {r["policy"]: bool((np.array(r["tau"]) != np.float32(0.6)).any()) for r in written["runs"]}
+    assert not moved["dla-paper"] and moved["dla-1/4"]  # fixed thresholds vs the target-rate controller
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "**MQAR** accuracy" in out.with_suffix(".md").read_text() and "NEEDLE" in capsys.readouterr().out
