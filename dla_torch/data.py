@@ -1,9 +1,9 @@
 """Training data: documents from local text, JSONL or parquet files (through `datasets`), tokenized with a
 tokenizer from a local folder, concatenated with an end-of-document token, and cut into fixed-length rows.
 
-A row is one packed sequence of ``row_len`` tokens; ``cu_seqlens`` marks where its documents start, so
-no state and no convolution crosses a document boundary, and no token is trained to predict the next
-document. Rows are addressed by index, so the data position is a number that a checkpoint can keep.
+A row is one packed sequence of ``row_len`` tokens; ``cu_seqlens`` marks where its documents start (and,
+with a ``context``, every ``context`` tokens: the micro-batch's sequences), so no state and no convolution
+crosses a document or sequence boundary, and no token is trained to predict the next document. Rows are addressed by index, so the data position is a number that a checkpoint can keep.
 """
 
 from __future__ import annotations
@@ -51,14 +51,17 @@ def read_documents(files, text_field="text") -> list[str]:
 
 
 class PackedTokens:
-    """A token stream of documents, each followed by ``eos_id``, cut into rows of ``row_len`` tokens;
-    with a ``seed`` the rows come in a fixed shuffled order."""
+    """A token stream of documents, each followed by ``eos_id``, cut into rows of ``row_len`` tokens, and
+    the rows into sequences of at most ``context`` tokens (None: the whole row); with a ``seed`` the rows
+    come in a fixed shuffled order."""
 
-    def __init__(self, documents, tokenizer, eos_id: int, row_len: int, seed: int | None = None):
+    def __init__(self, documents, tokenizer, eos_id: int, row_len: int, seed: int | None = None,
+                 context: int | None = None):
         ids = [np.asarray(e.ids + [eos_id], np.int64) for e in tokenizer.encode_batch(documents)]
         self.tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.starts = np.cumsum([0] + [len(x) for x in ids[:-1]])  # document starts in the stream
         self.row_len = row_len
+        self.context = context or row_len
         if len(self) == 0:
             raise ValueError(f"{len(self.tokens)} tokens make no row of {row_len}; add data or lower seq_len")
         self.order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
@@ -73,7 +76,8 @@ class PackedTokens:
         end = start + self.row_len
         ids = torch.from_numpy(self.tokens[start:end])
         inner = self.starts[(self.starts > start) & (self.starts < end)] - start
-        cu = torch.tensor([0, *inner.tolist(), self.row_len])
+        cuts = np.union1d(inner, np.arange(self.context, self.row_len, self.context))
+        cu = torch.tensor([0, *cuts.tolist(), self.row_len])
         labels = torch.full_like(ids, -100)
         labels[:-1] = ids[1:]
         labels[cu[1:-1] - 1] = -100  # a document's last token does not predict the next document

@@ -142,8 +142,11 @@ class Trainer:
         if not valid_docs and d["valid_fraction"] > 0:  # the last documents, a fixed split
             cut = len(documents) - max(1, int(len(documents) * d["valid_fraction"]))
             documents, valid_docs = documents[:cut], documents[cut:]
-        self.train_rows = PackedTokens(documents, tokenizer, eos, t["seq_len"] * t["micro_batch"], seed=t["seed"])
-        self.valid_rows = PackedTokens(valid_docs, tokenizer, eos, t["seq_len"] * t["micro_batch"]) if valid_docs else None
+        # A micro-batch is one packed row of micro_batch sequences of seq_len tokens (fewer at document ends).
+        rows = lambda docs, seed=None: PackedTokens(docs, tokenizer, eos, t["seq_len"] * t["micro_batch"], seed=seed,
+                                                    context=t["seq_len"])
+        self.train_rows = rows(documents, t["seed"])
+        self.valid_rows = rows(valid_docs) if valid_docs else None
 
         fields = {k: v for k, v in config["model"].items() if k != "type"}
         fields.setdefault("vocab_size", tokenizer.get_vocab_size())

@@ -204,3 +204,18 @@ def test_thresholds_stay_fixed_without_a_target_rate(corpus, tmp_path):
     records = [trainer.train_step() for _ in range(3)]
     assert (thresholds(trainer.model) == torch.tensor(0.6)).all()
     assert all(len(r["boundary_rate"]["mean"]) == 2 for r in records)  # the rates are still measured
+
+
+def test_packed_rows_cut_into_sequences_of_the_context(corpus):
+    """A row of micro_batch x seq_len tokens holds micro_batch sequences: cuts every seq_len tokens, besides
+    the document starts, and no label crosses a cut."""
+    tokenizer = load_tokenizer(corpus / "tok")
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    documents = ["the cache opens a new state where the text changes " * 3] * 2
+    whole, cut = (PackedTokens(documents, tokenizer, eos, 12, context=context) for context in (None, 4))
+    for index in range(len(cut)):
+        ids, labels, cu = cut.row(index)
+        ids_whole, _, cu_whole = whole.row(index)
+        assert torch.equal(ids, ids_whole)
+        assert set(cu.tolist()) == set(cu_whole.tolist()) | {0, 4, 8, 12}
+        assert (labels[0, cu[1:] - 1] == -100).all()

@@ -65,16 +65,26 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
     state = empty_state(N, H, L, Dk, Dv, dtype, q.device) if initial_state is None else _cast_state(initial_state, dtype)
 
-    run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],
-                                       None if beta is None else beta[:, s:e],
-                                       None if mask is None else mask[:, s:e], st, config=config, scale=scale)
+    run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale)
+    inputs = (q, k, v, g, lam, beta, mask)
     if cu_seqlens is None:
-        o, state = run(0, T, state)
+        o, state = run(state, *inputs)
     else:
         bounds = cu_seqlens.tolist()
-        pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        o = torch.cat([p[0] for p in pieces], dim=1)
-        state = DLAState(*(torch.cat([getattr(p[1], f) for p in pieces]) for f in DLAState.FIELDS))
+        starts, lengths = torch.tensor(bounds[:-1]), torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
+        longest = int(lengths.max())
+        if N * longest <= 2 * T:  # similar lengths: one padded batch [N, longest], padding masked
+            valid = torch.arange(longest) < lengths[:, None]
+            where = torch.where(valid, starts[:, None] + torch.arange(longest), 0).to(q.device)
+            valid = valid.to(q.device)
+            pad = lambda x: None if x is None else torch.where(valid.view(N, longest, *[1] * (x.dim() - 2)), x[0, where], 0)
+            o, state = run(state, *map(pad, inputs[:-1]), valid)
+            o = o[valid][None]
+        else:  # one sequence at a time
+            parts = [run(_index_state(state, i), *(None if x is None else x[:, s:e] for x in inputs))
+                     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+            o = torch.cat([part[0] for part in parts], dim=1)
+            state = DLAState(*(torch.cat([getattr(part[1], f) for part in parts]) for f in DLAState.FIELDS))
     return o.to(out_dtype), (state if output_final_state else None)
 
 
