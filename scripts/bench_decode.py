@@ -23,6 +23,8 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache
 
 from dla_mlx.models import dla_gated_deltanet as dla
+from dla_mlx.models.base import set_state
+from dla_shared import DLAState
 from dla_shared.plot import pyplot
 
 
@@ -49,8 +51,9 @@ def filled_dla_cache(model, T):
             c[i] = mx.random.normal((1, a.conv_size - 1, dim))
         n = np.full((1, H, K), T // K, np.int64)
         n[..., 0] += T - n.sum(-1)
-        c[3], c[4] = mx.random.normal((1, H, K, D, Dv)) * 0.1, mx.array(n)
-        c[5], c[6] = mx.random.uniform(shape=(1, H, K)), mx.array([T], dtype=mx.int64)
+        set_state(c, model.conv_states, DLAState(mx.random.normal((1, H, K, D, Dv)) * 0.1, mx.array(n),
+                                                 mx.random.uniform(shape=(1, H, K)), mx.array([T], dtype=mx.int64),
+                                                 mx.zeros((1, H), dtype=mx.int64)))
     return cache
 
 
