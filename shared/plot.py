@@ -17,9 +17,10 @@ def pyplot():
     return plt
 
 
-def plot_trace(trace: Trace, path, b: int = 0, h: int = 0, threshold: float | None = None, title: str = ""):
-    """Write a PNG: the score per token (with the threshold), the number of states, and the slot map
-    slot_t(s) (which state each past token s sits in at time t) with the boundaries marked."""
+def plot_trace(trace: Trace, path, b: int = 0, h: int = 0, threshold=None, title: str = ""):
+    """Write a PNG: the score per token (with the threshold: one number, or one per head of which head
+    ``h``'s is drawn), the number of states, and the slot map slot_t(s) (which state each past token s sits
+    in at time t) with the boundaries marked."""
     plt = pyplot()
     idx = np.flatnonzero(trace.pos[b] >= 0)
     score, occupancy = trace.score[b, idx, h], trace.occupancy[b, idx, h]
@@ -27,7 +28,8 @@ def plot_trace(trace: Trace, path, b: int = 0, h: int = 0, threshold: float | No
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [1, 0.7, 2.5]})
     axes[0].plot(score, ".-", color="black", lw=0.8, ms=3, label="score I_t")
     if threshold is not None:
-        axes[0].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold}")
+        threshold = float(np.broadcast_to(threshold, trace.score.shape[-1:])[h])
+        axes[0].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:.3g}")
     axes[0].legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("score")
     axes[1].step(np.arange(len(idx)), occupancy, where="mid", color="C0")

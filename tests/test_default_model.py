@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from dla_mlx import load
 from dla_mlx.generate import main as generate
@@ -40,12 +41,38 @@ def test_config_is_the_recorded_training_config():
     assert shipped["dla"]["policy"] == "dla"
 
 
-@pytest.mark.skipif(platform.python_version() != MANIFEST["python"],
-                    reason="the corpus is this Python's standard library; another version has other files")
-def test_tokenizer_is_what_prepare_tiny_makes(tmp_path):
-    prepare = load_script("prepare_tiny")
-    assert prepare.main(["--out", str(tmp_path)]) == 0
-    assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == (DEFAULT_MODEL / "tokenizer.json").read_text()
+same_corpus = pytest.mark.skipif(platform.python_version() != MANIFEST["python"],
+                                 reason="the corpus is this Python's standard library; another version has other files")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """What `scripts/prepare_tiny.py --out data/stdlib` makes: the model's training and validation files."""
+    out = tmp_path_factory.mktemp("stdlib")
+    assert load_script("prepare_tiny").main(["--out", str(out)]) == 0
+    return out
+
+
+@same_corpus
+def test_tokenizer_is_what_prepare_tiny_makes(corpus):
+    assert (corpus / "tokenizer" / "tokenizer.json").read_text() == (DEFAULT_MODEL / "tokenizer.json").read_text()
+
+
+@same_corpus
+def test_boundaries_follow_the_target_rate_on_unseen_text(corpus):
+    """On a validation file (text the model did not train on), every layer opens states at a rate within a
+    factor of 2 of the target its thresholds were trained to, and no head at more than half of the tokens."""
+    model = from_pretrained(DEFAULT_MODEL)
+    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
+    document = json.loads((corpus / "valid.jsonl").read_text().splitlines()[0])["text"]
+    ids = tokenizer.encode(document).ids[:1024]
+    cache = model.make_cache()
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=cache)
+    target = model.config.dla.target_rate
+    for layer in cache:
+        rate = layer.state.opened[0].double() / (len(ids) - 1)
+        assert target / 2 <= rate.mean() <= 2 * target and rate.max() <= 0.5, rate
 
 
 def test_the_model_learned_its_corpus():

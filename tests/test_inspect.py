@@ -1,6 +1,9 @@
 """Inspection: the Trace's derived views and its plot."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from dla_shared import inspect, plot_trace
 from helpers import config_for, make_inputs
@@ -25,10 +28,11 @@ def test_slot_map_spans_and_padding():
     assert np.isnan(masked.score[0, 5:9]).all() and (masked.pos[0, 5:9] == -1).all()
 
 
-def test_plot_trace_writes_a_png(tmp_path):
-    config = config_for("dla")
-    x = make_inputs(config, 1, 40, 1, 4, 4, seed=3)
+@pytest.mark.parametrize("threshold", [0.3, (0.2, 0.4)], ids=["one", "per-head"])
+def test_plot_trace_writes_a_png(tmp_path, threshold):
+    config = dataclasses.replace(config_for("dla"), threshold=threshold)
+    x = make_inputs(config, 1, 40, 2, 4, 4, seed=3)
     trace = inspect(x["q"], x["k"], x["v"], x["g"], config=config)
     path = tmp_path / "trace.png"
-    plot_trace(trace, path, threshold=config.threshold)
+    plot_trace(trace, path, h=1, threshold=config.threshold)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
