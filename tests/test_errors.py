@@ -195,6 +195,12 @@ def test_config_unknown_choice_names_the_field(field, value):
     pytest.param("threshold", math.inf, r"DLAConfig\.threshold must be a finite number", id="threshold=inf"),
     pytest.param("threshold", -math.inf, r"DLAConfig\.threshold must be a finite number", id="threshold=-inf"),
     pytest.param("threshold", "0.6", r"DLAConfig\.threshold must be a finite number", id="threshold-str"),
+    pytest.param("threshold", [], r"DLAConfig\.threshold must be .* sequence of finite numbers", id="threshold=[]"),
+    pytest.param("threshold", [0.5, math.nan], r"DLAConfig\.threshold must be .*\(one per head\)", id="threshold-nan-head"),
+    pytest.param("threshold", [[0.5]], r"DLAConfig\.threshold must be .*\(one per head\)", id="threshold-2d"),
+    pytest.param("target_rate", 0.0, r"DLAConfig\.target_rate must be in \(0, 1\) or None", id="target_rate=0"),
+    pytest.param("target_rate", 1.0, r"DLAConfig\.target_rate must be in \(0, 1\) or None", id="target_rate=1"),
+    pytest.param("target_rate", math.nan, r"DLAConfig\.target_rate must be a finite number", id="target_rate=nan"),
 ])
 def test_config_bad_number_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -216,10 +222,11 @@ ROUND_TRIP = [
     DLAConfig(policy="fenwick", capacity=12),
     DLAConfig(policy="fixed", capacity=4, block_size=6, merge="density"),
     DLAConfig(policy="dla", capacity=8, threshold=0.35, score="state_drift", merge="oldest", eps=1e-8),
+    DLAConfig(policy="dla", capacity=8, threshold=(0.3, 0.5), target_rate=None, score="token_drift"),
 ]
 
 
-@pytest.mark.parametrize("config", ROUND_TRIP, ids=lambda c: f"{c.policy}-{c.merge}")
+@pytest.mark.parametrize("config", ROUND_TRIP, ids=lambda c: f"{c.policy}-{c.merge}-{c.score}")
 def test_config_json_round_trip(config):
     assert DLAConfig.from_json(config.to_json()) == config
     assert DLAConfig.from_dict(config.to_dict()) == config
@@ -233,3 +240,11 @@ def test_config_default_merge(policy, merge):
     assert DLAConfig.from_json(f'{{"policy": "{policy}"}}').merge == merge
     other = "oldest" if merge == "density" else "density"
     assert DLAConfig(policy=policy, merge=other).merge == other  # an explicit choice is kept
+
+
+def test_config_accepts_numpy_numbers_and_sequences():
+    config = DLAConfig(capacity=np.int64(4), threshold=np.array([0.5, 0.25], np.float32), target_rate=np.float32(0.25))
+    assert config.capacity == 4 and type(config.capacity) is int
+    assert config.threshold == (0.5, 0.25) and config.target_rate == 0.25
+    np.testing.assert_array_equal(config.thresholds(2), [0.5, 0.25])
+    np.testing.assert_array_equal(DLAConfig(threshold=0.5).thresholds(3), [0.5, 0.5, 0.5])
