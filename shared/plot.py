@@ -32,6 +32,8 @@ def plot_trace(trace: Trace, path, b: int = 0, h: int = 0, threshold=None, title
         axes[0].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:.3g}")
     axes[0].legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("score")
+    if len(score) and np.nanmax(score) > 100 * max(np.nanmedian(score), 1e-12):  # heavy tails (a near-empty state)
+        axes[0].set_yscale("log")
     axes[1].step(np.arange(len(idx)), occupancy, where="mid", color="C0")
     axes[1].set_ylabel("states")
     slots = np.ma.masked_less(trace.slot_map(b, h).T.astype(float), 0)
