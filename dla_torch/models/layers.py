@@ -98,7 +98,8 @@ class DLAMixer(nn.Module):
     ``opened`` [H] the tokens of this forward that opened a state, per head, and ``tokens`` [] the tokens
     that could have (not padding, nor a sequence's first token). With a cache that continues sequences, only this
     call's tokens count. Outside training ``boundaries`` keeps its last value (None before any).
-    Subclasses implement ``reset_read_weights``.
+    Subclasses define ``reset_read_weights()``: zero the read-weight projection, so that every state is read
+    with weight 1 (lam == 1).
     """
 
     def __init__(self, config):
@@ -106,10 +107,6 @@ class DLAMixer(nn.Module):
         self.config = config
         self.register_buffer("tau", torch.tensor(config.dla.thresholds(config.num_heads), dtype=torch.float32))
         self.boundaries = None
-
-    def reset_read_weights(self):
-        """Zero the read-weight projection, so that every state is read with weight 1 (lam == 1)."""
-        raise NotImplementedError
 
     def attend(self, q, k, v, g, lam, beta=None, *, cache: LayerCache | None, **kw):
         """`dla_attention` with one threshold per head (``tau``), continuing ``cache.state`` and updating it
