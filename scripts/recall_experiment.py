@@ -61,10 +61,14 @@ def build_model(transition: str, dla: DLAConfig, args):
     if transition == "diagonal":
         config = DLAMamba2Config(**common, num_heads=2 * args.hidden // args.head_dim, head_dim=args.head_dim,
                                  state_size=args.head_dim)
-        return DLAMamba2ForCausalLM(config)
-    config = DLAGatedDeltaNetConfig(**common, num_heads=args.hidden // args.head_dim, head_dim=args.head_dim,
-                                    expand_v=1.0)
-    return DLAGatedDeltaNetForCausalLM(config)
+        model = DLAMamba2ForCausalLM(config)
+    else:
+        config = DLAGatedDeltaNetConfig(**common, num_heads=args.hidden // args.head_dim, head_dim=args.head_dim,
+                                        expand_v=1.0)
+        model = DLAGatedDeltaNetForCausalLM(config)
+    if args.init_std is not None:
+        model.init_weights(args.init_std)
+    return model
 
 
 def batch(rng, args, size):
@@ -217,6 +221,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--init-std", type=float, default=None,
+                   help="std of the Linear and Embedding weights at init (default: the models' own, 0.02)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -1,8 +1,10 @@
-"""The decision scan of the chunkwise paths, in numpy: every backend's chunk path runs it on the host
-(the Triton kernel in `dla_torch.ops.triton.scan` mirrors it line for line).
+"""The decision scan of the chunkwise paths: every backend's chunk path runs it on the host (the Triton
+kernel in `dla_torch.ops.triton.scan` mirrors it line for line).
 
 The score needs only the newest state, so one pass over the tokens carries that state alone (the
 single-state recurrence, O(Dk Dv) per token) and `dla_shared.policy` turns the scores into decisions.
+`scan_numpy` is that pass in numpy, the readable reference; `_scan.c` is the same loop compiled, an
+optional extension built at install (`setup.py`), which `scan` uses when it is there.
 """
 
 from __future__ import annotations
@@ -12,8 +14,45 @@ import numpy as np
 from . import policy
 from .config import DLAConfig
 
+try:
+    from . import _scan
+except ImportError:  # built without a C compiler: the numpy loop
+    _scan = None
+
 
 def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size: int):
+    """`scan_numpy`'s decisions and bookkeeping, from the compiled loop when it is built and the state's
+    dtype is float32 or float64 (the numpy loop otherwise)."""
+    dtype = np.asarray(X).dtype
+    if _scan is None or dtype not in (np.float32, np.float64) or np.asarray(ibar).dtype != dtype:
+        return scan_numpy(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size)
+    return _compiled(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size)
+
+
+def _compiled(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size):
+    B, T, H, Dk = k.shape
+    L, Dv = n.shape[-1], v.shape[-1]
+    dtype = np.asarray(X).dtype
+    c = lambda x, t=dtype: np.ascontiguousarray(x, t)
+    k, v, g, X = c(k), c(v), c(g), np.array(X, dtype, order="C")  # X: a copy the loop may overwrite
+    beta = b"" if beta is None else c(beta)
+    n_out, opened_out = np.array(n, np.int64, order="C"), np.array(opened, np.int64, order="C")
+    ibar_out = np.array(ibar, dtype, order="C")
+    tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
+    sigma = np.empty((B, H, T, L + chunk_size), np.int16)
+    overflow = _scan.scan(policy.POLICY_IDS[config.policy], config.score == "state_drift",
+                          config.merge == "oldest", dtype == np.float64, config.block_size, config.eps,
+                          (B, T, H, Dk, Dv, L, chunk_size), k, v, g, beta, c(active, np.uint8), X, tau,
+                          n_out, ibar_out, c(pos, np.int64), opened_out, sigma)
+    if overflow:
+        raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
+                         f"position {overflow} needs a larger DLAConfig.capacity")
+    pos = np.asarray(pos)
+    return sigma, (n_out.astype(np.asarray(n).dtype), ibar_out, pos + np.asarray(active).sum(-1).astype(pos.dtype),
+                   opened_out.astype(np.asarray(opened).dtype))
+
+
+def scan_numpy(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size: int):
     """Decide every token of a [B, T] block.
 
     k [B, T, H, Dk], v [B, T, H, Dv], g and beta (or None) [B, T, H], active bool [B, T]; X [B, H, Dk, Dv]

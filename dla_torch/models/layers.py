@@ -163,14 +163,14 @@ class CausalLM(nn.Module):
         return [LayerCache() for _ in self.layers]
 
     @torch.no_grad()
-    def init_weights(self):
-        """transformers' and fla's initialization: every Linear and Embedding weight normal(0, 0.02), biases
+    def init_weights(self, std: float = INIT_STD):
+        """transformers' and fla's initialization: every Linear and Embedding weight normal(0, std), biases
         zero (tied embeddings then start as a small output layer that trains). The read-weight projections
         start at zero, so with ``read_weight_norm`` the new model reads every state with weight 1, as
         an upcycled one does. A_log, dt_bias, D, L, norms and convolutions keep the layers' own."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=INIT_STD)
+                nn.init.normal_(module.weight, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for mixer in dla_mixers(self):

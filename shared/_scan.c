@@ -1,0 +1,191 @@
+/* The decision scan of `dla_shared.scan` compiled: the same computation as its numpy loop, one
+ * (batch row, head) at a time, so one token costs O(Dk Dv) with no array temporaries.
+ *
+ * `scan_f32` and `scan_f64` compute in float or double (the dtype of X, k, v, g, beta and ibar), as the
+ * numpy scan computes in X's dtype; the three norms are summed in double.  Every array is C-contiguous
+ * and checked by the Python wrapper (`dla_shared.scan._compiled`):
+ *   k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], beta [B, T, H] or an empty buffer, active uint8 [B, T],
+ *   X [B, H, Dk, Dv], tau float64 [H]; updated in place: n int64 [B, H, L], ibar [B, H, L],
+ *   opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
+ * Returns the position at which a fenwick cache runs out of levels (the wrapper raises), else 0.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { SINGLE = 0, FENWICK = 1, FIXED = 2, DLA = 3 };  /* dla_shared.policy.POLICY_IDS */
+
+typedef struct {
+    int policy, state_drift, merge_oldest;
+    long block_size;
+    double eps;
+    Py_ssize_t B, T, H, Dk, Dv, L, C;
+} Dims;
+
+static int trailing_ones(int64_t x) {
+    int j = 0;
+    while (x & 1) { x >>= 1; j++; }
+    return j;
+}
+
+/* The policy step of one cache (`dla_shared.policy.plan` for one row and head): fills dest [L] and
+ * returns whether the token opens a state, or -1 when a fenwick cache has no level left.  pair_sum [L - 1]
+ * holds ibar[i] + ibar[i + 1], summed in ibar's dtype as numpy does. */
+static int plan_step(const Dims *d, const int64_t *n, const double *pair_sum, int64_t pos, double score,
+                     double tau, int on, Py_ssize_t *dest) {
+    Py_ssize_t L = d->L, m = 0;
+    for (Py_ssize_t i = 0; i < L; i++) { dest[i] = i; m += n[i] > 0; }
+    int empty = m == 0, opens;
+    if (!on) return 0;
+    if (empty) return 1;
+    switch (d->policy) {
+        case SINGLE: opens = 0; break;
+        case FENWICK: opens = 1; break;
+        case FIXED: opens = pos % d->block_size == 0; break;
+        default: opens = score >= tau;
+    }
+    if (!opens) return 0;
+    if (d->policy == FENWICK) {  /* levels 0..j fold into level j + 1 */
+        int j = trailing_ones(pos - 1);
+        if (j + 1 >= L) return -1;
+        for (int i = 0; i <= j; i++) dest[i] = j + 1;
+        return 1;
+    }
+    Py_ssize_t pair = L;  /* no merge unless full */
+    if (m == L) {
+        if (d->merge_oldest) pair = m - 2;
+        else {  /* the least dense adjacent pair, ties to the oldest */
+            double best = INFINITY;
+            pair = L - 2;
+            for (Py_ssize_t i = m - 2; i >= 0; i--) {
+                int64_t total = n[i] + n[i + 1];
+                double density = pair_sum[i] / (double)(total > 1 ? total : 1);
+                if (density < best) { best = density; pair = i; }
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < L; i++) {
+        Py_ssize_t merged = i > pair ? i - 1 : i;
+        dest[i] = merged + 1 < L - 1 ? merged + 1 : L - 1;
+    }
+    return 1;
+}
+
+#define DEFINE_SCAN(NAME, real, EXP, SQRT)                                                              \
+static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, const real *beta,       \
+                    const uint8_t *active, real *X, const double *tau, int64_t *n_all, real *ibar_all,  \
+                    const int64_t *pos_all, int64_t *opened, int16_t *sigma) {                          \
+    Py_ssize_t T = d->T, H = d->H, Dk = d->Dk, Dv = d->Dv, L = d->L, C = d->C, W = L + C;              \
+    real *S = malloc(sizeof(real) * (Dk * Dv + Dv)), *kX = S + Dk * Dv;                                 \
+    Py_ssize_t *dest = malloc(sizeof(Py_ssize_t) * L), *slot_of = malloc(sizeof(Py_ssize_t) * W);     \
+    double *pair_sum = malloc(sizeof(double) * L), *acc = malloc(sizeof(double) * 3 * Dv);                                                       \
+    int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
+    real *ibar_new = malloc(sizeof(real) * L);                                                         \
+    int64_t overflow = 0;                                                                              \
+    const real size = (real)(Dk * Dv), eps = (real)d->eps;                                             \
+    for (Py_ssize_t b = 0; b < d->B && !overflow; b++)                                                 \
+    for (Py_ssize_t h = 0; h < H && !overflow; h++) {                                                  \
+        real *Xh = X + (b * H + h) * Dk * Dv, *ibar = ibar_all + (b * H + h) * L;                      \
+        int64_t *n = n_all + (b * H + h) * L, pos = pos_all[b];                                        \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                           \
+            if (t % C == 0)                                                                            \
+                for (Py_ssize_t i = 0; i < W; i++) slot_of[i] = i < L ? i : -1;                        \
+            Py_ssize_t at = (b * T + t) * H + h;                                                       \
+            const real *kt = k + at * Dk, *vt = v + at * Dv;                                           \
+            real decay = EXP(g[at]), bt = beta ? beta[at] : (real)1;                                   \
+            if (beta) {                                                                                \
+                for (Py_ssize_t j = 0; j < Dv; j++) kX[j] = 0;                                         \
+                for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
+                    for (Py_ssize_t j = 0; j < Dv; j++) kX[j] += kt[i] * Xh[i * Dv + j];               \
+            }                                                                                          \
+            /* the three sums per column first, so that the loop vectorizes without reordering */   \
+            for (Py_ssize_t j = 0; j < 3 * Dv; j++) acc[j] = 0;                                       \
+            for (Py_ssize_t i = 0; i < Dk; i++) {                                                      \
+                real bk = bt * kt[i];                                                                  \
+                for (Py_ssize_t j = 0; j < Dv; j++) {                                                  \
+                    real s = beta ? decay * (Xh[i * Dv + j] - bk * kX[j]) : decay * Xh[i * Dv + j];    \
+                    real tok = beta ? bt * (kt[i] * vt[j]) : kt[i] * vt[j];                            \
+                    S[i * Dv + j] = s;                                                                 \
+                    acc[j] += (double)s * s; acc[Dv + j] += (double)tok * tok; acc[2 * Dv + j] += (double)s * tok; \
+                }                                                                                      \
+            }                                                                                          \
+            double state_sq = 0, token_sq = 0, cross = 0;                                              \
+            for (Py_ssize_t j = 0; j < Dv; j++) {                                                      \
+                state_sq += acc[j]; token_sq += acc[Dv + j]; cross += acc[2 * Dv + j];                 \
+            }                                                                                          \
+            real ss = (real)state_sq, ts = (real)token_sq, cs = (real)cross, other_sq, other_cross;    \
+            if (d->state_drift) { other_sq = ss + ts + 2 * cs; other_cross = ss + cs; }                \
+            else { other_sq = ts; other_cross = cs; }                                                  \
+            real r_state = (real)1 / SQRT(ss / size + eps), r_other = (real)1 / SQRT(other_sq / size + eps); \
+            real dist_sq = r_other * r_other * other_sq + r_state * r_state * ss                       \
+                           - 2 * r_other * r_state * other_cross;                                      \
+            real score = SQRT(dist_sq > 0 ? dist_sq : 0) / (r_state * SQRT(ss) + eps);                 \
+            int empty = 1, on = active[b * T + t];                                                     \
+            for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
+            for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);            \
+            if (empty) score = 0;                                                                      \
+            int opens = plan_step(d, n, pair_sum, pos, score, tau[h], on, dest);                         \
+            if (opens < 0) { overflow = pos; break; }                                                  \
+            if (opens && pos > 0) opened[b * H + h]++;                                                 \
+            for (Py_ssize_t i = 0; i < L; i++) { n_new[i] = 0; ibar_new[i] = 0; }                      \
+            for (Py_ssize_t j = 0; j < L; j++) { n_new[dest[j]] += n[j]; ibar_new[dest[j]] += ibar[j]; } \
+            memcpy(n, n_new, sizeof(int64_t) * L);                                                     \
+            memcpy(ibar, ibar_new, sizeof(real) * L);                                                  \
+            if (on) {                                                                                  \
+                n[0] += 1; ibar[0] += score; pos += 1;                                                 \
+                for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
+                    for (Py_ssize_t j = 0; j < Dv; j++) {                                              \
+                        real tok = beta ? bt * (kt[i] * vt[j]) : kt[i] * vt[j];                        \
+                        Xh[i * Dv + j] = opens ? tok : S[i * Dv + j] + tok;                            \
+                    }                                                                                  \
+            }                                                                                          \
+            for (Py_ssize_t i = 0; i < W; i++) if (slot_of[i] >= 0) slot_of[i] = dest[slot_of[i]];   \
+            if (on) slot_of[L + t % C] = 0;                                                            \
+            int16_t *row = sigma + ((b * H + h) * T + t) * W;                                          \
+            for (Py_ssize_t i = 0; i < W; i++) row[i] = (int16_t)slot_of[i];                           \
+        }                                                                                              \
+    }                                                                                                  \
+    free(S); free(dest); free(slot_of); free(pair_sum); free(acc); free(n_new); free(ibar_new);                     \
+    return overflow;                                                                                   \
+}
+
+DEFINE_SCAN(scan_f32, float, expf, sqrtf)
+DEFINE_SCAN(scan_f64, double, exp, sqrt)
+
+/* scan(policy, state_drift, merge_oldest, is_double, block_size, eps, dims (B, T, H, Dk, Dv, L, C), k, v, g,
+ *      beta, active, X, tau, n, ibar, pos, opened, sigma) -> overflow position (0 if none) */
+static PyObject *py_scan(PyObject *self, PyObject *args) {
+    Dims d;
+    Py_buffer buf[12];
+    memset(buf, 0, sizeof buf);
+    int is_double;
+    if (!PyArg_ParseTuple(args, "iiiild(nnnnnnn)y*y*y*y*y*w*y*w*w*y*w*w*", &d.policy, &d.state_drift,
+                          &d.merge_oldest, &is_double, &d.block_size, &d.eps, &d.B, &d.T, &d.H, &d.Dk, &d.Dv, &d.L,
+                          &d.C, &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6], &buf[7],
+                          &buf[8], &buf[9], &buf[10], &buf[11]))
+        return NULL;
+    const void *beta = buf[3].len ? buf[3].buf : NULL;
+    int64_t overflow;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        overflow = scan_f64(&d, buf[0].buf, buf[1].buf, buf[2].buf, beta, buf[4].buf, buf[5].buf, buf[6].buf,
+                            buf[7].buf, buf[8].buf, buf[9].buf, buf[10].buf, buf[11].buf);
+    else
+        overflow = scan_f32(&d, buf[0].buf, buf[1].buf, buf[2].buf, beta, buf[4].buf, buf[5].buf, buf[6].buf,
+                            buf[7].buf, buf[8].buf, buf[9].buf, buf[10].buf, buf[11].buf);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < 12; i++) PyBuffer_Release(&buf[i]);
+    return PyLong_FromLongLong(overflow);
+}
+
+static PyMethodDef methods[] = {
+    {"scan", py_scan, METH_VARARGS, "The decision scan of dla_shared.scan, compiled (see _scan.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_scan", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }
