@@ -16,12 +16,11 @@ import argparse
 import importlib
 import sys
 import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from dla_shared.hub import copy_tokenizer, read_config, resolve
+from dla_shared.hub import check_output, copy_tokenizer, output_folder, read_config, resolve
 
 MODEL_TYPES = ("dla_mamba2", "dla_gated_deltanet")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -48,9 +47,11 @@ def load(path_or_id, **kwargs):
         logging.set_verbosity(verbosity)
 
 
-def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64):
-    """A checkpoint in the torch layout to the MLX layout, cast to ``dtype`` and quantized if asked
-    (decay, skip, read-weight parameters and thresholds stay as they are: the model's cast and quant predicates)."""
+def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=False):
+    """A checkpoint in the torch (or already MLX) layout to the MLX layout, cast to ``dtype`` and quantized if
+    asked (decay, skip, read-weight parameters and thresholds stay as they are: the model's cast and quant
+    predicates). ``out`` is written all or nothing (`dla_shared.hub.output_folder`; ``force``: replace a model
+    already there)."""
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
@@ -66,17 +67,17 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64):
         config["torch_dtype"] = dtype
     if q_bits is not None:
         model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=model.quant_predicate)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     mx.eval(model.parameters())
-    save_model(out, model)
-    save_config(config, out / "config.json")
-    copy_tokenizer(folder, out)
+    with output_folder(out, folder, force) as tmp:
+        save_model(tmp, model)
+        save_config(config, tmp / "config.json")
+        copy_tokenizer(folder, tmp)
     return dict(tree_flatten(model.parameters()))
 
 
-def mlx_to_torch(source, out):
-    """A checkpoint in the MLX layout back to the torch layout (unquantized models only)."""
+def mlx_to_torch(source, out, force=False):
+    """A checkpoint in the MLX (or already torch) layout to the torch layout (unquantized models only),
+    written all or nothing as `torch_to_mlx` writes."""
     import torch
     from safetensors.torch import save_file
 
@@ -88,15 +89,14 @@ def mlx_to_torch(source, out):
     weights = {}
     for file in sorted(folder.glob("model*.safetensors")):
         for name, x in mx.load(str(file)).items():
-            if "conv1d.weight" in name:
-                x = x.moveaxis(2, 1)  # MLX [C, W, 1] -> torch [C, 1, W]
+            if "conv1d.weight" in name and x.shape[1] != 1:
+                x = x.moveaxis(2, 1)  # MLX [C, W, 1] -> torch [C, 1, W]; a torch-layout source stays
             dtype = getattr(torch, str(x.dtype).split(".")[-1])
             weights[name] = torch.from_numpy(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)).to(dtype)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text((folder / "config.json").read_text())
-    copy_tokenizer(folder, out)
+    with output_folder(out, folder, force) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text((folder / "config.json").read_text())
+        copy_tokenizer(folder, tmp)
 
 
 def _check_type(config):
@@ -107,7 +107,9 @@ def _check_type(config):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-convert", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a checkpoint folder or Hub id")
-    p.add_argument("out", help="the folder to write")
+    p.add_argument("out", help="the folder to write (new or empty, or see --force)")
+    p.add_argument("--force", action="store_true", help="replace the model in a non-empty OUT (its old weight "
+                   "files are removed; other files stay)")
     p.add_argument("--to", choices=["mlx", "torch"], default="mlx")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast (MLX side; decay and read weights stay)")
     p.add_argument("--quantize", action="store_true", help="quantize the MLX model's linear layers")
@@ -117,10 +119,14 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=30, help="for a Mamba-2 / Gated DeltaNet source: K")
     args = p.parse_args(argv)
     quantize = args.q_bits if args.quantize else None
+    try:  # before any loading
+        check_output(args.out, resolve(args.source), args.force)
+    except (ValueError, FileExistsError) as e:
+        p.error(str(e))
     if args.to == "torch":
         if args.dtype or args.quantize:
             p.error("--dtype and --quantize apply to the MLX side only")
-        mlx_to_torch(args.source, args.out)
+        mlx_to_torch(args.source, args.out, args.force)
     elif read_config(resolve(args.source)).get("model_type") not in MODEL_TYPES:
         # A pretrained single-state model: upcycle it to DLA in the torch layout first.
         from dla_shared import DLAConfig
@@ -128,9 +134,9 @@ def main(argv=None):
 
         with tempfile.TemporaryDirectory() as folder:
             upcycle(args.source, DLAConfig(policy=args.policy, capacity=args.capacity), folder)
-            torch_to_mlx(folder, args.out, args.dtype, quantize, args.q_group_size)
+            torch_to_mlx(folder, args.out, args.dtype, quantize, args.q_group_size, args.force)
     else:
-        torch_to_mlx(args.source, args.out, args.dtype, quantize, args.q_group_size)
+        torch_to_mlx(args.source, args.out, args.dtype, quantize, args.q_group_size, args.force)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,10 +1,13 @@
 """Checkpoint folders in the Hugging Face layout, for every backend: find one (a local folder or a Hub id,
-through huggingface_hub) and read its config."""
+through huggingface_hub), read its config, and write one without ever leaving a half-written model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 # The small model shipped with the package (a dla_gated_deltanet trained on Python's standard library by
@@ -37,3 +40,41 @@ def copy_tokenizer(source, folder) -> None:
     for name in TOKENIZER_FILES:
         if Path(source, name).exists():
             shutil.copy(Path(source, name), Path(folder, name))
+
+
+def check_output(out, source=None, force: bool = False) -> None:
+    """Refuse an ``out`` folder that is the ``source`` folder or inside it, a file, or not empty (unless
+    ``force``); the errors name the argument."""
+    out = Path(out)
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            raise ValueError(f"out {str(out)!r} is the source folder or inside it; write to another folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; expected a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"out {str(out)!r} is not empty; choose a new folder, or pass force=True "
+                              "(--force) to replace the model in it")
+
+
+@contextlib.contextmanager
+def output_folder(out, source=None, force: bool = False):
+    """Write a model folder all or nothing: yields an empty temporary folder beside ``out`` to write into;
+    when the block ends without an error its files replace ``out``'s (old weight files removed, so no stale
+    shard is read), and after an error ``out`` is as it was. Refuses what `check_output` refuses."""
+    out = Path(out)
+    check_output(out, source, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp's folder is private
+        if out.is_dir():
+            for stale in [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.index.json")]:
+                stale.unlink()
+            for file in tmp.iterdir():
+                os.replace(file, out / file.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -199,3 +199,59 @@ def test_trace_text_replays_a_layer_through_the_oracle(tmp_path, tokenizer_dir):
     assert marked.count("|") == int(trace.opened[0, 1:, 0].sum())
     with pytest.raises(ValueError, match="layer must be in"):
         trace_text(model, ids, layer=2)
+
+
+def _snapshot(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def test_convert_refuses_to_write_over_its_source(tmp_path, tokenizer_dir):
+    """`dla-convert M M` once rewrote M's weights in MLX layout and then crashed, leaving M unloadable."""
+    save_pretrained(tiny("gdn", vocab_size=VOCAB), tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    before = _snapshot(tmp_path / "m")
+    for out in (tmp_path / "m", tmp_path / "m" / "sub"):
+        with pytest.raises(SystemExit):
+            convert_cli([str(tmp_path / "m"), str(out)])
+        with pytest.raises(ValueError, match="is the source folder or inside it"):
+            torch_to_mlx(tmp_path / "m", out, force=True)
+    assert _snapshot(tmp_path / "m") == before
+
+
+def test_convert_into_a_non_empty_folder_needs_force_and_drops_stale_shards(tmp_path, tokenizer_dir, capsys):
+    model, _, _ = converted("gdn", "dla", tmp_path, tokenizer_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        convert_cli([str(tmp_path / "torch"), str(out)])
+    assert "not empty" in capsys.readouterr().err and (out / "model-00001-of-00002.safetensors").exists()
+    assert convert_cli([str(tmp_path / "torch"), str(out), "--force"]) == 0
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+    ids = np.random.default_rng(1).integers(0, 61, (1, 20))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).numpy()
+    np.testing.assert_allclose(np.array(load(out)[0](mx.array(ids))), expected, atol=1e-4, rtol=1e-4)
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+
+
+def test_convert_to_torch_from_a_torch_folder_is_a_copy(tmp_path, tokenizer_dir):
+    """The layout is read from the weights: a torch source converted `--to torch` keeps its conv layout."""
+    save_pretrained(tiny("mamba2", vocab_size=VOCAB), tmp_path / "a", tokenizer_dir=tokenizer_dir)
+    assert convert_cli([str(tmp_path / "a"), str(tmp_path / "b"), "--to", "torch"]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_convert_leaves_no_half_written_model(tmp_path, tokenizer_dir, monkeypatch):
+    import dla_mlx.convert as convert
+
+    save_pretrained(tiny("gdn", vocab_size=VOCAB), tmp_path / "m", tokenizer_dir=tokenizer_dir)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "copy_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        torch_to_mlx(tmp_path / "m", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
