@@ -194,7 +194,8 @@ def record_layer(model, text: Text, layer: int) -> OpInputs:
 def save_thresholds(checkpoint: Checkpoint, out=None) -> Path:
     """Write the model's ``tau`` tensors (float32 [H] per layer, named as in its state dict) into the weights
     files of ``out`` (a copy of the checkpoint folder) or, without ``out``, of the folder itself. Every other
-    tensor and file stays as it is, so a torch folder stays a torch folder and an MLX folder an MLX folder."""
+    tensor and file stays as it is, so a torch folder stays a torch folder and an MLX folder an MLX folder,
+    but for a ``manifest.json`` (`dla_shared.hub.verify`), which described the model before and goes."""
     folder = Path(checkpoint.folder)
     if out is not None and Path(out).resolve() != folder.resolve():
         shutil.copytree(folder, out, dirs_exist_ok=True)
@@ -215,6 +216,7 @@ def save_thresholds(checkpoint: Checkpoint, out=None) -> Path:
         partial = file.with_name(file.name + ".partial")  # the tensors may still be mapped from ``file``
         save_file(tensors, partial, metadata=metadata)
         os.replace(partial, file)
+    (folder / "manifest.json").unlink(missing_ok=True)  # its hashes and numbers are the model's before
     index = folder / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())

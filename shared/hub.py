@@ -4,6 +4,7 @@ through huggingface_hub), read its config, and write one without ever leaving a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -20,12 +21,32 @@ def resolve(path_or_id) -> Path:
     """A local folder as it is; anything else is a Hub repository id, downloaded (config, weights, tokenizer)."""
     path = Path(path_or_id)
     if path.is_dir():
-        return path
+        return verify(path)
     if path.exists():
         raise ValueError(f"{path_or_id!r} is a file; expected a checkpoint folder or a Hub id")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    return verify(Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt"])))
+
+
+def verify(folder: Path) -> Path:
+    """Check a folder's files against the SHA-256 hashes of its ``manifest.json`` (`scripts/ship_model.py`
+    writes one; about 0.1 s for the shipped model), if it has one; return the folder."""
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        return folder
+    for name, expected in json.loads(manifest.read_text()).get("sha256", {}).items():
+        file = folder / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is missing; {manifest} lists it")
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise ValueError(f"{file} does not match its SHA-256 in {manifest}: the file is damaged or was changed "
+                             "(if you changed it on purpose, delete manifest.json)")
+    return folder
 
 
 def read_config(folder) -> dict:

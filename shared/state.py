@@ -19,6 +19,7 @@ to the single-state base model's state, and ``n.sum(-1) == pos`` for every head.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from .config import DLAConfig
@@ -38,6 +39,13 @@ class DLAState:
     def num_states(self):
         """Occupied slots per (sequence, head): [N, H]."""
         return (self.n > 0).sum(-1)
+
+
+def decay_floor(eps: float) -> float:
+    """The chunk paths' floor on g for a dtype of machine epsilon ``eps``: a decay of exp(floor) ~ eps / 12
+    is nothing next to 1, and a finite floor keeps gamma_j / gamma_s = exp(cum_j - cum_s) out of
+    -inf - (-inf) = NaN when g = -inf (a full reset) or is large and negative."""
+    return math.log(eps) - 2.5
 
 
 def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens, *, is_float: Callable):
@@ -71,6 +79,9 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             raise ValueError(f"{name} must have shape {list(expected[name])} [B, T, H, ...], got {list(x.shape)}{hint}")
         if not is_float(x):
             raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if bool((g > 0).any()):
+        raise ValueError(f"g must be <= 0 (the log of a decay in (0, 1]; -inf resets), got a maximum of "
+                         f"{float(g.max())}")
     N = B
     if mask is not None:
         if tuple(mask.shape) != (B, T):

@@ -4,6 +4,7 @@ made, it loads in both backends with the same logits, and `dla-generate` runs on
 import hashlib
 import json
 import platform
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -30,6 +31,27 @@ def test_files_are_the_recorded_ones():
     for name, digest in MANIFEST["sha256"].items():
         assert hashlib.sha256((DEFAULT_MODEL / name).read_bytes()).hexdigest() == digest, name
     assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "missing file"])
+@pytest.mark.parametrize("loader", [from_pretrained, load], ids=["torch", "mlx"])
+def test_a_damaged_copy_is_refused_naming_the_file(loader, damage, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    weights = folder / "model.safetensors"
+    if damage == "missing file":
+        weights.unlink()
+        error, match = FileNotFoundError, "model.safetensors is missing; .*manifest.json lists it"
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 1  # one bit of one weight: the file still parses
+        weights.write_bytes(bytes(data))
+        error, match = ValueError, "model.safetensors does not match its SHA-256 in .*manifest.json"
+    with pytest.raises(error, match=match):
+        loader(folder)
+    (folder / "manifest.json").unlink()
+    if damage == "flipped byte":  # without a manifest nothing is checked
+        loader(folder)
 
 
 def test_config_is_the_recorded_training_config():

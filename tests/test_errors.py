@@ -76,6 +76,7 @@ BAD_INPUTS = [
     bad(with_(v=lambda v: v[:1]), ValueError, r"v must have shape", "v-wrong-B"),
     bad(with_(g=lambda g: g[..., None]), ValueError, r"g must have shape \[2, 5, 2\]", "g-extra-dim"),
     bad(with_(g=lambda g: g[:, :, :1]), ValueError, r"g must have shape", "g-wrong-heads"),
+    bad(with_(g=lambda g: g + 20), ValueError, r"g must be <= 0 .*got a maximum of", "g-positive"),
     bad(with_(lam=lambda lam: lam[..., :2]), ValueError, r"lam must have shape.*config\.num_slots = 3",
         "lam-last-dim-not-num-slots"),
     bad(with_(lam=lambda lam: np.ones((B, T, H, 1), np.float32)), ValueError, r"lam must have shape.*num_slots",

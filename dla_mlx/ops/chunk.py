@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from dla_shared.scan import scan as shared_scan
-from dla_shared.state import DLAState
+from dla_shared.state import DLAState, decay_floor
 
 CHUNK = 64
 
@@ -25,6 +25,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
     active = np.ones((B, T), bool) if mask is None else np.array(mask)
     sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
+    g = mx.maximum(g, decay_floor(mx.finfo(g.dtype).eps))  # the scan decided on g itself
     L = state.S.shape[2]
     S, outputs = state.S, [mx.zeros((B, 0, H, v.shape[-1]), dtype=state.S.dtype)]
     for c0 in range(0, T, chunk_size):
@@ -59,8 +60,9 @@ def _math(q, k, v, g, lam, beta, S, sigma, scale):
     gamma, end = mx.exp(cum), cum[..., -1:]
     to_end = mx.exp(end - cum)  # gamma_end / gamma_s
     qk = qh @ kh.swapaxes(-1, -2)
+    # Masks are where(), not products with zeros, so that a NaN in one token stays out of earlier ones.
     if beta is None:
-        A = ratio * qk
+        A = mx.where(causal, ratio * qk, 0)
         q_start = gamma[..., None] * qh
         kappa = to_end[..., None] * kh
     else:

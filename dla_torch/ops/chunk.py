@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dla_shared.scan import scan as shared_scan
-from dla_shared.state import DLAState
+from dla_shared.state import DLAState, decay_floor
 
 CHUNK = 64
 
@@ -45,6 +45,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     active = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask.to(q.device)
     with torch.no_grad():
         sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
+    g = g.clamp(min=decay_floor(torch.finfo(g.dtype).eps))  # the scan decided on g itself
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if not _needs_grad(q, k, v, g, lam, beta, state.S):
@@ -101,16 +102,17 @@ def _math(q, k, v, g, lam, beta, S, sigma, scale):
     ratio = torch.exp(torch.where(causal, cum[..., :, None] - cum[..., None, :], -math.inf))  # gamma_j / gamma_s
     gamma, end = torch.exp(cum), cum[..., -1:]
     to_end = torch.exp(end - cum)  # gamma_end / gamma_s
+    # Masks are where(), not products with zeros, so that a NaN in one token stays out of earlier ones.
     if beta is None:
-        A = ratio * (qh @ kh.transpose(-1, -2))
+        A = torch.where(causal, ratio * (qh @ kh.transpose(-1, -2)), 0)
         q_start = gamma[..., None] * qh
         kappa = to_end[..., None] * kh
     else:
         bh = beta.transpose(1, 2)
         strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-        T = torch.eye(C, dtype=q.dtype, device=q.device) + torch.where(strict, ratio, 0) * bh[..., None, :] * (
-            kh @ kh.transpose(-1, -2))
-        D = ratio * bh[..., None, :] * (qh @ kh.transpose(-1, -2))
+        T = torch.eye(C, dtype=q.dtype, device=q.device) + torch.where(
+            strict, ratio * bh[..., None, :] * (kh @ kh.transpose(-1, -2)), 0)
+        D = torch.where(causal, ratio * bh[..., None, :] * (qh @ kh.transpose(-1, -2)), 0)
         A = torch.linalg.solve_triangular(T, D, upper=False, left=False)  # D T^-1
         q_start = gamma[..., None] * qh - A @ (gamma[..., None] * kh)
         kappa = torch.linalg.solve_triangular(T.transpose(-1, -2), (to_end * bh)[..., None] * kh, upper=True)

@@ -1,0 +1,66 @@
+"""The chunk paths at the edges of the log decay: g = -inf (a full reset, allowed by g <= 0) and very
+negative finite g cumulated over a chunk give the oracle's outputs and final states, finite, in every backend
+(Triton in its interpreter, float32)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import dla_mlx
+import dla_shared
+import dla_torch
+from helpers import NAMES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_torch
+
+BACKENDS = {  # name: (op, convert inputs, impl, tolerance vs the float64 oracle)
+    "torch-chunk": (dla_torch.dla_attention, to_torch, "chunk", 1e-10),
+    "torch-triton": (dla_torch.dla_attention, lambda x: to_torch(x, torch.float32), "triton", 2e-3),
+    "mlx-chunk": (dla_mlx.dla_attention, to_mlx, "chunk", 1e-6),  # MLX's exp is float32-accurate
+}
+T = 80  # two chunks of 64
+
+
+def reset_at(t):
+    def edit(g):
+        g[:, t] = -np.inf
+    return edit
+
+
+def large_from(t):
+    def edit(g):
+        g[:, t:] = -1e4
+    return edit
+
+
+EDITS = {"g=-inf at t=5": reset_at(5), "g=-inf at a chunk start": reset_at(64),
+         "g=-1e4 over a chunk": large_from(3)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("delta", [False, True], ids=["diagonal", "delta"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_chunk_paths_at_extreme_decay_equal_the_oracle(edit, delta, backend):
+    attention, convert, impl, tol = BACKENDS[backend]
+    config = config_for("dla")
+    x = make_inputs(config, 2, T, 2, 5, 7, delta=delta, seed=4)
+    EDITS[edit](x["g"])
+    o, state = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config, output_final_state=True)
+    assert np.isfinite(o).all()
+    o2, state2 = attention(*(None if x[n] is None else convert(x[n]) for n in NAMES), config=config,
+                           output_final_state=True, impl=impl)
+    assert_close("o", o, o2, tol)
+    assert_states_close(state, state2, tol)
+
+
+@pytest.mark.parametrize("backend", ["torch-chunk", "mlx-chunk"])
+def test_a_nan_stays_out_of_earlier_tokens_and_other_heads(backend):
+    """Diagonal transition (the delta rule's triangular solve still multiplies 0 by NaN within the chunk)."""
+    attention, convert, impl, tol = BACKENDS[backend]
+    config = config_for("dla")
+    x = make_inputs(config, 1, 20, 2, 5, 7, seed=4)
+    x["k"][0, 3, 0, 1] = np.nan
+    o = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config)[0]
+    o2 = np.array(attention(*(None if x[n] is None else convert(x[n]) for n in NAMES), config=config, impl=impl)[0])
+    assert np.isnan(o2[0, 3:, 0]).all()
+    assert_close("o before the NaN", o[:, :3], o2[:, :3], tol)
+    assert_close("o of the other head", o[:, :, 1], o2[:, :, 1], tol)
