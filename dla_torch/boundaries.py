@@ -103,15 +103,7 @@ def read_text(files, tokenizer, eos_id: int, max_tokens: int | None = None, text
     """The documents of ``files`` (text or JSONL, as `dla_torch.data.read_documents` reads them), tokenized and
     cut after ``max_tokens`` tokens. A file without text is an error that names it."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    documents = []
-    for file in files:
-        try:
-            found = [d for d in read_documents([file], text_field) if d.strip()]
-        except StopIteration:  # what `datasets` raises for an empty JSON file
-            found = []
-        if not found:
-            raise ValueError(f"data file {file} has no text")
-        documents += found
+    documents = [d for d in read_documents(files, text_field) if d.strip()]
     pieces, total = [], 0
     for encoding in tokenizer.encode_batch(documents):
         ids = (encoding.ids + [eos_id])[: None if max_tokens is None else max_tokens - total]

@@ -8,6 +8,7 @@ crosses a document or sequence boundary, and no token is trained to predict the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,9 @@ def load_tokenizer(folder):
 
 def read_documents(files, text_field="text") -> list[str]:
     """Every document of ``files`` (one kind of file per call): a whole text file is one document; a JSONL /
-    parquet file gives its ``text_field`` of every row."""
-    import datasets
-
+    JSON / parquet file gives its ``text_field`` of every row. A row without that field, with a value that is
+    not a string, or a line that is not JSON is an error naming the file and line, never skipped; empty
+    documents are left out, and a file with no text at all is an error naming it."""
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not files:
         raise ValueError("no data files given")
@@ -41,12 +42,63 @@ def read_documents(files, text_field="text") -> list[str]:
     for f in files:
         if not Path(f).exists():
             raise FileNotFoundError(f"data file {f} does not exist")
-    extra = {"sample_by": "document"} if kind == "text" else {}
-    data = datasets.load_dataset(kind, data_files=files, split="train", **extra)
-    field = "text" if kind == "text" else text_field
+    documents = []
+    for f in files:
+        if kind == "text":
+            found = [_read_text(f)]
+        elif Path(f).suffix == ".jsonl":
+            found = _read_jsonl(f, text_field)
+        else:
+            found = _read_with_datasets(f, kind, text_field)
+        if not any(d.strip() for d in found):
+            raise ValueError(f"data file {f} has no text")
+        documents += [d for d in found if d]
+    return documents
+
+
+def _read_text(file) -> str:
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e})") from None
+
+
+def _read_jsonl(file, field) -> list[str]:
+    documents = []
+    with open(file, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}: not UTF-8 text ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{file}:{number}: no {field!r} field ({keys}); choose the text field "
+                             "(data.text_field in dla-train, --text-field in dla-eval)")
+        if not isinstance(row[field], str):
+            raise ValueError(f"{file}:{number}: {field!r} is a {type(row[field]).__name__}, expected a string")
+        documents.append(row[field])
+    return documents
+
+
+def _read_with_datasets(file, kind, field) -> list[str]:
+    import datasets
+
+    if Path(file).stat().st_size == 0:  # `datasets` raises a bare StopIteration
+        return []
+    data = datasets.load_dataset(kind, data_files=[file], split="train")
     if field not in data.column_names:
-        raise ValueError(f"{files}: no {field!r} column (columns: {data.column_names}); choose the text field "
+        raise ValueError(f"{file}: no {field!r} column (columns: {data.column_names}); choose the text field "
                          "(data.text_field in dla-train, --text-field in dla-eval)")
+    bad = next((i for i, t in enumerate(data[field]) if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"{file}: row {bad} of {field!r} is a {type(data[field][bad]).__name__}, expected a string")
     return [t for t in data[field] if t]
 
 

@@ -152,11 +152,7 @@ def main(argv=None):
         documents = read_documents(args.data, args.text_field)
     except (FileNotFoundError, ValueError) as error:
         p.error(f"--data: {error}")
-    except StopIteration:  # what `datasets` raises for an empty JSON file
-        documents = []
     documents = documents[: args.max_documents]
-    if not documents:
-        p.error(f"--data: no documents in {' '.join(args.data)}")
     try:
         model, tokenizer, eos = load(args.model, args.device, getattr(torch, args.dtype))
     except (OSError, ValueError) as error:

@@ -51,6 +51,9 @@ DEFAULTS = {
               "save_every": 500, "seed": 0, "parallel": "ddp", "dtype": "bf16", "activation_checkpointing": False,
               "compile": False, "resume": True, "stop_at": None, "tau_eta": 0.1},
 }
+# What a resumed run may change; any other difference from the checkpoint's config is refused.
+RESUMABLE = ("train.stop_at", "train.resume", "train.log_every", "train.eval_every", "train.eval_rows",
+             "train.save_every", "train.compile", "train.activation_checkpointing")
 # Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
 NO_DECAY = ("A_log", "dt_bias", "D", "L")
 
@@ -239,27 +242,41 @@ class Trainer:
             # The data position is the step: rows are addressed by (step, micro-batch, rank).
             trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world": self.world,
                        "config": self.config}
-            (folder / "trainer.json").write_text(json.dumps(trainer, indent=2))
-            (self.out / "checkpoints" / "latest").write_text(folder.name)
+            # trainer.json last: a checkpoint folder without it is incomplete (`checkpoints`).
+            _write_atomically(folder / "trainer.json", json.dumps(trainer, indent=2))
+            _write_atomically(self.out / "checkpoints" / "latest", folder.name)
         _barrier(self.world)
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, the one ``latest`` names first, then the others newest first."""
+        folder = self.out / "checkpoints"
+        found = sorted((f for f in folder.glob("step_*") if (f / "trainer.json").exists() and f.name[5:].isdigit()),
+                       key=lambda f: -int(f.name[5:]))
+        latest = folder / "latest"
+        named = folder / latest.read_text().strip() if latest.exists() else None
+        return sorted(found, key=lambda f: f != named)
 
     def resume(self):
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        latest = self.out / "checkpoints" / "latest"
-        if not latest.exists():
+        for folder in self.checkpoints():
+            trainer = json.loads((folder / "trainer.json").read_text())
+            _check_same_run(trainer["config"], self.config, folder)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            try:
+                with _single_process_quiet():
+                    dcp.load(state, checkpoint_id=str(folder))
+            except (Exception, CheckpointException) as error:  # a damaged checkpoint: fall back to an older one
+                warnings.warn(f"checkpoint {folder} does not load ({type(error).__name__}: {error}); trying an older one")
+                continue
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            self.scheduler.load_state_dict(trainer["scheduler"])
+            self.step = trainer["step"]
+            self.log({"event": "resumed", "step": self.step, "from": str(folder)})
             return
-        folder = self.out / "checkpoints" / latest.read_text().strip()
-        trainer = json.loads((folder / "trainer.json").read_text())
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        self.step = trainer["step"]
-        self.log({"event": "resumed", "step": self.step, "from": str(folder)})
 
     def export(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -304,6 +321,29 @@ class Trainer:
         bar.close()
         self.export()
         return history
+
+
+def _check_same_run(stored: dict, config: dict, folder: Path):
+    """Refuse to resume a run whose config differs from the checkpoint's, except for `RESUMABLE` fields."""
+    flat = lambda d, at="": {k: v for key, x in d.items() for k, v in
+                             (flat(x, f"{at}{key}.").items() if isinstance(x, dict) else [(f"{at}{key}", x)])}
+    old, new = flat(stored), flat(json.loads(json.dumps(config)))
+    changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(old.keys() | new.keys())
+               if k not in RESUMABLE and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"{config['out']} holds a run with another config (checkpoint {folder.name}): "
+                         f"{'; '.join(changed)}. Resume with the same config (only {', '.join(RESUMABLE)} may "
+                         "change), choose a new out, or set train.resume=false to start over")
+
+
+def _write_atomically(file: Path, text: str):
+    """Write, flush to disk, then rename over ``file``: a crash leaves the old file or the new one."""
+    partial = file.with_name(file.name + ".partial")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, file)
 
 
 def _rate_summary(record: dict) -> dict:
@@ -356,7 +396,10 @@ def main(argv=None):
         config = load_config(args.config, args.set)
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
     history = trainer.fit()
     if trainer.rank == 0 and history:
         print(f"trained {trainer.step} steps; last loss {history[-1]['loss']:.4f}; model in {trainer.out / 'model'}")

@@ -138,9 +138,14 @@ BAD_ARGUMENTS = {
     "folder-without-config": (["--model", "{tmp}"], "no config.json"),
     "missing-data-file": (["--data", "{tmp}/nowhere.jsonl"], "--data: data file {tmp}/nowhere.jsonl does not exist"),
     "unknown-data-format": (["--data", "{tmp}/docs.csv"], "--data: data files must all be one of"),
-    "empty-text-file": (["--data", "{tmp}/empty.txt"], "--data: no documents in {tmp}/empty.txt"),
-    "empty-jsonl-file": (["--data", "{tmp}/empty.jsonl"], "--data: no documents in {tmp}/empty.jsonl"),
-    "missing-text-field": (["--text-field", "body"], "--data: .* no 'body' column"),
+    "empty-text-file": (["--data", "{tmp}/empty.txt"], "--data: data file {tmp}/empty.txt has no text"),
+    "empty-jsonl-file": (["--data", "{tmp}/empty.jsonl"], "--data: data file {tmp}/empty.jsonl has no text"),
+    "missing-text-field": (["--text-field", "body"], "--data: .*docs.jsonl:1: no 'body' field"),
+    "a-line-without-text": (["--data", "{tmp}/mixed.jsonl"], "--data: {tmp}/mixed.jsonl:3: no 'text' field"),
+    "text-not-a-string": (["--data", "{tmp}/number.jsonl"], "--data: {tmp}/number.jsonl:1: 'text' is a int, "
+                          "expected a string"),
+    "broken-json": (["--data", "{tmp}/broken.jsonl"], "--data: {tmp}/broken.jsonl:2: not valid JSON"),
+    "not-utf8-text": (["--data", "{tmp}/latin1.txt"], "--data: {tmp}/latin1.txt: not UTF-8 text"),
     "zero-seq-len": (["--seq-len", "0"], "--seq-len must be a positive integer"),
     "negative-max-documents": (["--max-documents", "-1"], "--max-documents must be a positive integer"),
 }
@@ -151,6 +156,10 @@ def test_dla_eval_names_the_bad_argument(args, message, checkpoint, tmp_path, ca
     (tmp_path / "docs.csv").write_text("text\nthe cache\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n')
+    (tmp_path / "number.jsonl").write_text('{"text": 123}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     given = dict(zip(args[::2], args[1::2]))
     argv = {"--model": str(checkpoint / "model"), "--data": str(checkpoint / "docs.jsonl"), **given}
     with pytest.raises(SystemExit) as exit:

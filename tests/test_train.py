@@ -3,6 +3,7 @@ thresholds follow the target rate alike on every rank."""
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -219,3 +220,36 @@ def test_packed_rows_cut_into_sequences_of_the_context(corpus):
         assert torch.equal(ids, ids_whole)
         assert set(cu.tolist()) == set(cu_whole.tolist()) | {0, 4, 8, 12}
         assert (labels[0, cu[1:] - 1] == -100).all()
+
+
+def test_resume_refuses_a_changed_config(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(sum((["--set", s] for s in settings(corpus, out, stop_at=2)), [])) == 0
+    for change, shown in [(["train.lr=0.1"], "train.lr: 0.001 -> 0.1"), (["train.seq_len=32"], "train.seq_len: 64 -> 32"),
+                          (['model.dla.policy="fenwick"'], "model.dla.policy: 'dla' -> 'fenwick'")]:
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            Trainer(load_config(None, settings(corpus, out) + change))
+    assert Trainer(load_config(None, settings(corpus, out, eval_every=7))).step == 2  # a resumable field
+    assert Trainer(load_config(None, settings(corpus, out, resume=False) + ["train.lr=0.1"])).step == 0
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(sum((["--set", s] for s in settings(corpus, out, save_every=1, stop_at=3)), [])) == 0
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_3"
+    (checkpoints / "step_3" / "trainer.json").unlink()  # a crash before the checkpoint was complete
+    (checkpoints / "latest").write_text("")  # and one while `latest` was written (no longer possible)
+    assert Trainer(load_config(None, settings(corpus, out))).step == 2
+    for file in (checkpoints / "step_2").glob("*.distcp"):
+        file.write_bytes(file.read_bytes()[:10])  # damaged weights
+    with pytest.warns(UserWarning, match="step_2 does not load"):
+        assert Trainer(load_config(None, settings(corpus, out))).step == 1
+
+
+def test_empty_training_data_is_a_clear_error(corpus, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    args = settings(corpus, tmp_path / "run") + [f"data.train={json.dumps([str(tmp_path / 'empty.jsonl')])}"]
+    with pytest.raises(SystemExit):
+        main(sum((["--set", s] for s in args), []))
+    assert re.search(r"dla-train: error: data file .*empty\.jsonl has no text", capsys.readouterr().err)
