@@ -121,7 +121,7 @@ def main(argv=None):
     quantize = args.q_bits if args.quantize else None
     try:  # before any loading
         check_output(args.out, resolve(args.source), args.force)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
         p.error(str(e))
     if args.to == "torch":
         if args.dtype or args.quantize:

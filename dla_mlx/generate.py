@@ -9,6 +9,7 @@ however long the text grows.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from mlx_lm.generate import stream_generate
@@ -23,7 +24,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="a checkpoint folder (MLX or torch layout) or Hub "
                    "id; default: the small model shipped with the package, trained on Python's standard library")
-    p.add_argument("--prompt", default="", help="the prompt ('-' reads standard input)")
+    p.add_argument("--prompt", default="", help="the prompt ('-' reads standard input; empty: generate from the "
+                   "end-of-document token)")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,16 +38,41 @@ def main(argv=None):
     p.add_argument("--boundaries-layer", type=int, default=0)
     p.add_argument("--boundaries-head", type=int, default=0)
     args = p.parse_args(argv)
-    if args.max_tokens < 1:
-        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    checks = {"--max-tokens": (args.max_tokens >= 1, ">= 1"),
+              "--temp": (math.isfinite(args.temp) and args.temp >= 0, "a finite number >= 0"),
+              "--top-p": (0 < args.top_p <= 1, "in (0, 1]"), "--top-k": (args.top_k >= 0, ">= 0"),
+              "--prefill-step-size": (args.prefill_step_size >= 1, ">= 1"),
+              "--boundaries-layer": (args.boundaries_layer >= 0, ">= 0"),
+              "--boundaries-head": (args.boundaries_head >= 0, ">= 0")}
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            p.error(f"{name} must be {expected}, got {getattr(args, name[2:].replace('-', '_'))}")
+    try:
+        prompt = sys.stdin.buffer.read().decode("utf-8") if args.prompt == "-" else args.prompt
+        prompt.encode("utf-8")  # a non-UTF-8 argument arrives with surrogate escapes
+    except UnicodeError:
+        p.error("--prompt is not UTF-8 text")
     if args.seed is not None:
         import mlx.core as mx
 
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        model, tokenizer = load(args.model)
+    except (OSError, ValueError) as error:
+        p.error(f"--model {args.model}: {error}")
+    if args.boundaries:
+        from .models.base import dla_mixers
+
+        mixers = dla_mixers(model)
+        if args.boundaries_layer >= len(mixers) or args.boundaries_head >= mixers[0].tau.shape[0]:
+            p.error(f"--boundaries-layer {args.boundaries_layer} --boundaries-head {args.boundaries_head}: the model "
+                    f"has {len(mixers)} layers of {mixers[0].tau.shape[0]} heads")
     if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if not prompt:  # start a new document
+        if tokenizer.eos_token_id is None:
+            p.error("--prompt is empty and the tokenizer has no end-of-document token to start from")
+        prompt = [tokenizer.eos_token_id]
     sampler = make_sampler(args.temp, args.top_p if args.top_p < 1 else 0.0, top_k=args.top_k)
     response, tokens = None, []
     for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,

@@ -18,15 +18,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def resolve(path_or_id) -> Path:
-    """A local folder as it is; anything else is a Hub repository id, downloaded (config, weights, tokenizer)."""
+    """A local folder as it is (checked against its manifest, `verify`); anything else is a Hub repository
+    id, downloaded (config, weights, tokenizer). A name that is neither a folder nor a Hub id that can be
+    fetched is a FileNotFoundError that names both possibilities."""
     path = Path(path_or_id)
     if path.is_dir():
         return verify(path)
     if path.exists():
         raise ValueError(f"{path_or_id!r} is a file; expected a checkpoint folder or a Hub id")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import validate_repo_id
 
-    return verify(Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt"])))
+    name = str(path_or_id)
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        raise FileNotFoundError(f"no such folder: {name!r} (and it is not a Hub repository id)") from None
+    try:
+        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as error:  # offline, no such repository, no access: all end here
+        raise FileNotFoundError(f"{name!r} is not a local folder, and the Hub repository {name!r} could not be "
+                                f"fetched ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                                ) from error
+    return verify(Path(folder))
 
 
 def verify(folder: Path) -> Path:

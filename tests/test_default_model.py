@@ -4,6 +4,7 @@ made, it loads in both backends with the same logits, and `dla-generate` runs on
 import hashlib
 import json
 import platform
+import re
 import shutil
 
 import mlx.core as mx
@@ -129,3 +130,29 @@ def test_dla_generate_streams_from_the_default_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Generation: 12 tokens" in out and "Prompt:" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+BAD_GENERATE = {
+    "negative-temp": (["--temp", "-1"], "--temp must be a finite number >= 0, got -1.0"),
+    "nan-temp": (["--temp", "nan"], "--temp must be a finite number >= 0, got nan"),
+    "zero-top-p": (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    "negative-top-k": (["--top-k", "-2"], "--top-k must be >= 0, got -2"),
+    "head-out-of-range": (["--boundaries", "b.png", "--boundaries-head", "99"],
+                          "--boundaries-head 99: the model has 4 layers of 4 heads"),
+    "not-utf8-prompt": (["--prompt", "caf\udce9"], "--prompt is not UTF-8 text"),
+    "missing-model": (["--model", "./nowhere"], "--model ./nowhere: no such folder"),
+}
+
+
+@pytest.mark.parametrize("args, message", BAD_GENERATE.values(), ids=BAD_GENERATE.keys())
+def test_dla_generate_refuses_bad_arguments_before_generating(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        generate(["-m", "3", *args])
+    captured = capsys.readouterr()
+    assert exit.value.code == 2 and re.search(message, captured.err), captured.err
+    assert "Generation:" not in captured.out
+
+
+def test_dla_generate_from_an_empty_prompt_starts_a_document(capsys):
+    assert generate(["--prompt", "", "-m", "5"]) == 0
+    assert "Prompt: 1 tokens" in capsys.readouterr().out
