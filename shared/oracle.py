@@ -87,7 +87,7 @@ class Trace:
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale=1.0, mask=None,
                   initial_state=None, output_final_state=False, cu_seqlens=None):
     o, state, _ = _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens)
-    return o, (state if output_final_state else None)
+    return o, (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
 def inspect(q, k, v, g, beta=None, *, config: DLAConfig, mask=None, initial_state=None, cu_seqlens=None) -> Trace:

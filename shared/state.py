@@ -14,6 +14,10 @@ opened [N, H] int64         boundaries so far: tokens after each sequence's firs
 
 N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states always sum
 to the single-state base model's state, and ``n.sum(-1) == pos`` for every head.
+
+``config`` is the `DLAConfig` the state was made under (every op sets it on the states it returns); a state
+continues only under the same cache (policy, capacity, score, merge, block size and thresholds). A state
+without one (built by hand or loaded from a file) has its bookkeeping checked when it comes in.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from .config import DLAConfig
+import numpy as np
+
+from .config import MERGES, POLICIES, SCORES, DLAConfig
 
 
 @dataclasses.dataclass
@@ -32,8 +38,9 @@ class DLAState:
     ibar: Any
     pos: Any
     opened: Any
+    config: DLAConfig | None = None
 
-    FIELDS = ("S", "n", "ibar", "pos", "opened")
+    FIELDS = ("S", "n", "ibar", "pos", "opened")  # the arrays
 
     @property
     def num_states(self):
@@ -113,4 +120,47 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             got = tuple(getattr(initial_state, name).shape)
             if got != shape:
                 raise ValueError(f"initial_state.{name} must have shape {list(shape)}, got {list(got)}")
+        if initial_state.config is None:
+            check_bookkeeping(initial_state)
+        elif cache_key(initial_state.config, H) != cache_key(config, H):
+            raise ValueError(f"initial_state was made under {_describe(initial_state.config, H)}, but config is "
+                             f"{_describe(config, H)}; a state continues only under the cache that made it")
     return B, T, H, Dk, Dv, L, N
+
+
+def cache_key(config: DLAConfig, H: int) -> tuple:
+    """What a state's meaning depends on: policy, slots, score, merge, block size and per-head thresholds."""
+    return (config.policy, config.num_slots, config.score, config.merge, config.block_size,
+            tuple(float(t) for t in config.thresholds(H)))
+
+
+def cache_signature(config: DLAConfig, H: int) -> np.ndarray:
+    """`cache_key` as a float32 array [5 + H], for caches that hold only arrays (mlx-lm's ``ArraysCache``,
+    saved and loaded with prompt caches)."""
+    policy, slots, score, merge, block, tau = cache_key(config, H)
+    return np.array([POLICIES.index(policy), slots, SCORES.index(score), MERGES.index(merge), block, *tau], np.float32)
+
+
+def _describe(config: DLAConfig, H: int) -> str:
+    policy, slots, score, merge, block, tau = cache_key(config, H)
+    return f"policy={policy!r} with {slots} slots (score={score!r}, merge={merge!r}, block_size={block}, tau={tau})"
+
+
+def check_bookkeeping(state: DLAState) -> None:
+    """Refuse bookkeeping that no op could have made: non-integer or negative counts, slots that do not
+    add up to the position, boundaries past it, non-finite scores. Errors name the field."""
+    host = lambda x: x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    n, ibar, pos, opened = (host(getattr(state, f)) for f in ("n", "ibar", "pos", "opened"))
+    for name, x in (("n", n), ("pos", pos), ("opened", opened)):
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"initial_state.{name} must hold integers, got {x.dtype}")
+        if (x < 0).any():
+            raise ValueError(f"initial_state.{name} must be >= 0, got a minimum of {x.min()}")
+    if (n.sum(-1) != pos[:, None]).any():
+        raise ValueError("initial_state.n must add up to initial_state.pos in every head (each token is in one "
+                         f"state), got sums {n.sum(-1).tolist()} for pos {pos.tolist()}")
+    if (opened > np.maximum(pos - 1, 0)[:, None]).any():
+        raise ValueError(f"initial_state.opened cannot exceed pos - 1 (the tokens after each sequence's first), "
+                         f"got {opened.tolist()} for pos {pos.tolist()}")
+    if not np.isfinite(ibar).all():
+        raise ValueError("initial_state.ibar must be finite")

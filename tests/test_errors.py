@@ -37,7 +37,7 @@ def call(entry: str, args: dict, **extra):
 
     def to_backend(x):
         if isinstance(x, DLAState):
-            return DLAState(*(convert(getattr(x, f)) for f in DLAState.FIELDS))
+            return DLAState(*(convert(getattr(x, f)) for f in DLAState.FIELDS), config=x.config)
         return convert(x) if isinstance(x, np.ndarray) else x
 
     return ENTRY_POINTS[entry](**{name: to_backend(x) for name, x in args.items()}, **extra)
@@ -61,6 +61,19 @@ def one_row(**changes):
 def empty_state(N=B, S=(B, H, L, Dk, Dv), n=(B, H, L), opened=None) -> DLAState:
     return DLAState(np.zeros(S, np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(N, np.int64),
                     np.zeros(opened or (N, H), np.int64))
+
+
+def made_state(config=None) -> DLAState:
+    """The oracle's state after the valid arguments' tokens (under ``config``, default theirs)."""
+    args = valid_args()
+    return dla_shared.dla_attention(*(args[n] for n in ("q", "k", "v", "g", "lam", "beta")),
+                                    config=config or args["config"], output_final_state=True)[1]
+
+
+def edited_state(**edits) -> DLAState:
+    """`made_state` without its config (as if saved and loaded), fields edited."""
+    state = made_state()
+    return DLAState(*(edits.get(f, lambda x: x)(getattr(state, f)) for f in DLAState.FIELDS))
 
 
 ones_mask = lambda *shape: np.ones(shape, bool)
@@ -114,6 +127,24 @@ BAD_INPUTS = [
     bad(one_row(cu_seqlens=np.array([0, 2, T]), initial_state=empty_state(N=1, S=(1, H, L, Dk, Dv), n=(1, H, L))),
         ValueError, r"initial_state\.S must have shape \[2, ", "initial_state-batch-not-num-sequences"),
     bad(with_(initial_state={"S": None}), TypeError, r"initial_state must be a DLAState", "initial_state-dict"),
+    # bookkeeping no op could have made (a state without its config comes from outside)
+    bad(with_(initial_state=edited_state(n=lambda n: n.astype(np.float32))), TypeError,
+        r"initial_state\.n must hold integers, got float32", "initial_state-n-float"),
+    bad(with_(initial_state=edited_state(n=lambda n: -n)), ValueError, r"initial_state\.n must be >= 0",
+        "initial_state-n-negative"),
+    bad(with_(initial_state=edited_state(pos=lambda pos: pos + 10**12)), ValueError,
+        r"initial_state\.n must add up to initial_state\.pos", "initial_state-pos-1e12"),
+    bad(with_(initial_state=edited_state(opened=lambda o: o + 5)), ValueError,
+        r"initial_state\.opened cannot exceed pos - 1", "initial_state-opened-past-pos"),
+    bad(with_(initial_state=edited_state(ibar=lambda x: x * np.nan)), ValueError, r"initial_state\.ibar must be finite",
+        "initial_state-ibar-nan"),
+    # a state continues only under the cache that made it
+    bad(with_(initial_state=made_state(DLAConfig(policy="fixed", capacity=3))), ValueError,
+        r"initial_state was made under policy='fixed' with 3 slots .* but config is policy='dla'",
+        "initial_state-from-fixed"),
+    bad(with_(initial_state=made_state(DLAConfig(policy="dla", capacity=3, threshold=0.9))), ValueError,
+        r"initial_state was made under .*tau=\(0\.9, 0\.9\).* a state continues only under the cache that made it",
+        "initial_state-other-thresholds"),
     # config
     bad(with_(config={"policy": "dla"}), TypeError, r"config must be a DLAConfig, got dict", "config-dict"),
     bad(with_(config=None), TypeError, r"config must be a DLAConfig, got NoneType", "config-None"),

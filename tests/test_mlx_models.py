@@ -15,6 +15,7 @@ from mlx_lm.models.cache import ArraysCache, load_prompt_cache, save_prompt_cach
 from safetensors.torch import load_file
 
 from dla_mlx.convert import load, main as convert_cli, mlx_to_torch, torch_to_mlx
+from dla_mlx.models.base import dla_mixers
 from dla_shared import DLAState
 from dla_torch.models import save_pretrained
 from helpers import WORDS, make_tokenizer
@@ -97,13 +98,31 @@ def test_mlx_lm_generate_is_greedy_decoding_and_prompt_caches_continue(tmp_path,
     np.testing.assert_array_equal(np.array(model(nxt, cache=loaded)), np.array(model(nxt, cache=cache)))
 
 
+def test_a_prompt_cache_continues_only_in_a_model_with_the_same_cache(tmp_path, tokenizer_dir):
+    """A prompt cache saved from a `dla` model, loaded into a `fenwick` one (or one whose thresholds differ), is
+    refused instead of running with other outputs; a cache for another batch size says so."""
+    _, model, _ = converted("gdn", "dla", tmp_path / "dla", tokenizer_dir)
+    _, other, _ = converted("gdn", "fenwick", tmp_path / "fenwick", tokenizer_dir)
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    save_prompt_cache(str(tmp_path / "prompt.safetensors"), cache)
+    with pytest.raises(ValueError, match="this cache was made by a model whose DLA cache differs"):
+        other(mx.array([[4]]), cache=load_prompt_cache(str(tmp_path / "prompt.safetensors")))
+    for mixer in dla_mixers(model):
+        mixer.tau = mixer.tau + 0.5
+    with pytest.raises(ValueError, match="this cache was made by a model whose DLA cache differs"):
+        model(mx.array([[4]]), cache=load_prompt_cache(str(tmp_path / "prompt.safetensors")))
+    with pytest.raises(ValueError, match="the cache holds 1 sequences but the input has batch size 2"):
+        model(mx.array([[4], [5]]), cache=cache)
+
+
 def test_left_padded_batch_equals_each_row_alone(tmp_path, tokenizer_dir):
     _, model, _ = converted("mamba2", "fixed", tmp_path, tokenizer_dir)
     rows = [np.random.default_rng(i).integers(0, 61, n) for i, n in enumerate((9, 21))]
     padded = np.zeros((2, 21), np.int64)
     for i, r in enumerate(rows):
         padded[i, 21 - len(r):] = r
-    cache = [ArraysCache(size=model.conv_states + len(DLAState.FIELDS), left_padding=[12, 0]) for _ in model.layers]
+    cache = [ArraysCache(size=len(model.make_cache()[0].cache), left_padding=[12, 0]) for _ in model.layers]
     batch = np.array(model(mx.array(padded), cache=cache))
     step = np.array(model(mx.array([[3], [4]]), cache=cache))
     for i, r in enumerate(rows):

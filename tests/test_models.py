@@ -277,3 +277,16 @@ def test_fla_log_linear_mamba2_maps_by_name(tmp_path):
     ours = model.state_dict()
     for name, tensor in source.state_dict().items():
         assert torch.equal(ours[name.replace(".mixer_norm.", ".norm.")], tensor), name
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_a_cache_refuses_another_batch_size_or_cache_config(kind):
+    model = tiny(kind)
+    cache = model.make_cache()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(ValueError, match="the cache holds 1 sequences but the input has batch size 2"):
+            model(torch.tensor([[4], [5]]), cache=cache)
+        other = tiny(kind, dla=DLAConfig(policy="fixed", capacity=4))
+        with pytest.raises(ValueError, match="initial_state was made under policy='dla'.* but config is policy='fixed'"):
+            other(torch.tensor([[4]]), cache=cache)

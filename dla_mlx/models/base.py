@@ -2,7 +2,7 @@
 
 The layer cache is a plain mlx-lm ``ArraysCache`` (so `mlx_lm.generate`, batch generation and prompt-cache
 files work unchanged) whose entries are the layer's convolution states followed by DLA's state:
-``[conv..., S, n, ibar, pos, opened]`` (`DLAState.FIELDS`).
+``[conv..., S, n, ibar, pos, opened, signature]`` (`DLAState.FIELDS`, then `get_state`'s signature).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_ssm_mask
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache
 
 from dla_shared import DLAConfig, DLAState
+from dla_shared.state import cache_signature
 
 # Parameters kept out of quantization and of dtype casts: decay, skip, read weights and their projections,
 # thresholds.
@@ -59,6 +61,9 @@ def causal_conv(x, weight, bias=None, state=None, lengths=None):
     ``lengths`` (right padding) the next state ends at each row's last real input."""
     B, T, C = x.shape
     W = weight.shape[1]
+    if state is not None and state.shape[0] != B:
+        raise ValueError(f"the cache holds {state.shape[0]} sequences but the input has batch size {B}; make a "
+                         "cache for this batch (model.make_cache())")
     past = mx.zeros((B, W - 1, C), dtype=x.dtype) if state is None else state.astype(x.dtype)
     full = mx.concatenate([past, x], axis=1)
     y = sum(full[:, j : j + T] * weight[:, j, 0].astype(x.dtype) for j in range(W))
@@ -96,16 +101,26 @@ def dla_mixers(model) -> list[DLAMixer]:
     return [m for layer in model.layers for m in layer.children().values() if isinstance(m, DLAMixer)]
 
 
-def get_state(cache, first: int):
-    """The DLAState kept in ``cache[first:first + 5]`` (`DLAState.FIELDS`), or None before the first call."""
+def get_state(cache, first: int, config: DLAConfig, H: int):
+    """The DLAState kept in ``cache[first:first + 5]`` (`DLAState.FIELDS`), or None before the first call.
+    ``cache[first + 5]`` [N, 5 + H] holds the signature of the cache that made it (`cache_signature`), so a
+    cache made by a model with another DLA config (a prompt cache loaded into another model) is refused."""
     if cache is None or cache[first] is None:
         return None
-    return DLAState(*(cache[first + i] for i in range(len(DLAState.FIELDS))))
+    stored = cache[first + len(DLAState.FIELDS)]
+    if stored is None or not (np.array(stored) == cache_signature(config, H)).all():
+        raise ValueError(f"this cache was made by a model whose DLA cache differs from this model's "
+                         f"(policy={config.policy!r}, {config.num_slots} slots, its thresholds); make a new one "
+                         "with model.make_cache()")
+    return DLAState(*(cache[first + i] for i in range(len(DLAState.FIELDS))), config=config)
 
 
 def set_state(cache, first: int, state: DLAState):
     for i, field in enumerate(DLAState.FIELDS):
         cache[first + i] = getattr(state, field)
+    # One row per sequence, so that mlx-lm's batch operations (filter, extend, merge) carry it as the rest.
+    signature = cache_signature(state.config, state.n.shape[1])
+    cache[first + len(DLAState.FIELDS)] = mx.broadcast_to(mx.array(signature), (state.n.shape[0], signature.size))
 
 
 def offsets(sizes):
@@ -137,7 +152,7 @@ class CausalLM(nn.Module):
         return self.body.layers
 
     def make_cache(self, batch_size: int = 1):
-        return [ArraysCache(size=self.conv_states + len(DLAState.FIELDS)) for _ in self.layers]
+        return [ArraysCache(size=self.conv_states + len(DLAState.FIELDS) + 1) for _ in self.layers]
 
     def sanitize(self, weights):
         """Torch checkpoints store depthwise convolution weights [C, 1, W]; MLX's are [C, W, 1]. A checkpoint

@@ -81,8 +81,9 @@ class GatedDeltaNet(DLAMixer):
                                                                   + self.dt_bias.astype(mx.float32))
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
         lam = read_weights(self.l_proj(x).reshape(B, T, H, K), self.L, a.read_weight_norm)
-        o, state = dla_attention(q, k, v, g, lam, beta, config=self.op_config(), scale=a.head_dim**-0.5, mask=mask,
-                                 initial_state=get_state(cache, 3), output_final_state=cache is not None)
+        config = self.op_config()
+        o, state = dla_attention(q, k, v, g, lam, beta, config=config, scale=a.head_dim**-0.5, mask=mask,
+                                 initial_state=get_state(cache, 3, config, H), output_final_state=cache is not None)
         if cache is not None:
             for i, (_, conv_state) in enumerate(convs):
                 cache[i] = conv_state

@@ -80,8 +80,9 @@ class Mixer(DLAMixer):
         q = mx.repeat(Cm.reshape(B, T, a.n_groups, N), per_group, axis=2)
         g = -mx.exp(self.A_log.astype(mx.float32)) * dt
         lam = read_weights(dl.reshape(B, T, H, K), self.L, a.read_weight_norm)
-        y, state = dla_attention(q, k, xs * dt[..., None].astype(xs.dtype), g, lam, config=self.op_config(), mask=mask,
-                                 initial_state=get_state(cache, 1), output_final_state=cache is not None)
+        config = self.op_config()
+        y, state = dla_attention(q, k, xs * dt[..., None].astype(xs.dtype), g, lam, config=config, mask=mask,
+                                 initial_state=get_state(cache, 1, config, H), output_final_state=cache is not None)
         if cache is not None:
             cache[0] = conv_state
             set_state(cache, 1, state)

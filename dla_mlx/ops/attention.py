@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 
 from dla_shared import DLAConfig, DLAState
@@ -63,7 +65,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
         o = mx.concatenate([p[0] for p in pieces], axis=1)
         state = DLAState(*(mx.concatenate([getattr(p[1], f) for p in pieces]) for f in DLAState.FIELDS))
-    return o.astype(out_dtype), (state if output_final_state else None)
+    return o.astype(out_dtype), (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
 def empty_state(N, H, L, Dk, Dv, dtype=mx.float32) -> DLAState:

@@ -58,6 +58,9 @@ def causal_conv(x, weight, bias=None, state=None, seq_ids=None):
     """
     B, T, C = x.shape
     W = weight.shape[-1]
+    if state is not None and state.shape[0] != B:
+        raise ValueError(f"the cache holds {state.shape[0]} sequences but the input has batch size {B}; make a "
+                         "cache for this batch (model.make_cache())")
     past = x.new_zeros(B, W - 1, C) if state is None else state.to(x.dtype)
     full = torch.cat([past, x], dim=1)  # [B, W - 1 + T, C]
     y = x.new_zeros(B, T, C) if bias is None else bias.to(x.dtype).expand(B, T, C).clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -85,7 +86,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                      for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
             o = torch.cat([part[0] for part in parts], dim=1)
             state = DLAState(*(torch.cat([getattr(part[1], f) for part in parts]) for f in DLAState.FIELDS))
-    return o.to(out_dtype), (state if output_final_state else None)
+    return o.to(out_dtype), (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
 def empty_state(N, H, L, Dk, Dv, dtype=torch.float32, device=None) -> DLAState:
