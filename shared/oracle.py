@@ -100,7 +100,7 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
     arrays = [None if x is None else np.asarray(x) for x in (q, k, v, g, lam, beta, mask, cu_seqlens)]
     q, k, v, g, lam, beta, mask, cu_seqlens = arrays
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
-                                         is_float=lambda x: np.issubdtype(x.dtype, np.floating))
+                                         is_float=lambda x: np.issubdtype(x.dtype, np.floating), scale=scale)
     f64 = lambda x: None if x is None else np.asarray(x, np.float64)
     q, k, v, g, lam, beta = map(f64, (q, k, v, g, lam, beta))
     lam = np.ones((B, T, H, L)) if lam is None else lam

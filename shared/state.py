@@ -55,13 +55,26 @@ def decay_floor(eps: float) -> float:
     return math.log(eps) - 2.5
 
 
-def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens, *, is_float: Callable):
+def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens, *, is_float: Callable,
+                 scale=1.0, array_type: type | None = None):
     """Validate the op's arguments; return (B, T, H, Dk, Dv, L, N). Errors name the argument.
 
-    ``is_float(x)`` tells whether a backend array has a floating dtype.
+    ``is_float(x)`` tells whether a backend array has a floating dtype; ``array_type`` (torch.Tensor,
+    mx.array) is the type of the backend's arrays, which q, k, v, g, lam, beta and the state's fields must be
+    (mask and cu_seqlens may be any array-like: the backends convert them before this check).
     """
     if not isinstance(config, DLAConfig):
         raise TypeError(f"config must be a DLAConfig, got {type(config).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite number, got {scale!r}")
+    if array_type is not None:
+        named = {"q": q, "k": k, "v": v, "g": g, "lam": lam, "beta": beta}
+        if isinstance(initial_state, DLAState):
+            named |= {f"initial_state.{f}": getattr(initial_state, f) for f in DLAState.FIELDS}
+        for name, x in named.items():
+            if x is not None and not isinstance(x, array_type):
+                raise TypeError(f"{name} must be a {array_type.__module__}.{array_type.__name__} for this backend's "
+                                f"op, got {type(x).__module__}.{type(x).__name__}")
     if len(q.shape) != 4:
         raise ValueError(f"q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
     B, T, H, Dk = q.shape
@@ -100,8 +113,11 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             raise ValueError("pass either mask or cu_seqlens, not both")
         if B != 1:
             raise ValueError(f"cu_seqlens needs the sequences packed in one row (B == 1), got B = {B}")
-        if len(cu_seqlens.shape) != 1 or cu_seqlens.shape[0] < 2 or is_float(cu_seqlens):
+        if len(cu_seqlens.shape) != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens must be a 1-D integer array [N + 1], got shape {list(cu_seqlens.shape)}")
+        if is_float(cu_seqlens) or "bool" in str(cu_seqlens.dtype):
+            dtype = str(cu_seqlens.dtype).split(".")[-1]
+            raise ValueError(f"cu_seqlens must be a 1-D integer array [N + 1], got dtype {dtype}")
         bounds = [int(x) for x in cu_seqlens.tolist()]
         if bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {bounds}")

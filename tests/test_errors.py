@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -110,7 +111,8 @@ BAD_INPUTS = [
     bad(one_row(cu_seqlens=np.array([1, T])), ValueError, r"cu_seqlens must rise from 0 to T = 5", "cu_seqlens-not-from-0"),
     bad(one_row(cu_seqlens=np.array([0, 2, T - 1])), ValueError, r"cu_seqlens must rise from 0 to T", "cu_seqlens-not-to-T"),
     bad(one_row(cu_seqlens=np.array([0, 3, 2, T])), ValueError, r"cu_seqlens must rise", "cu_seqlens-decreasing"),
-    bad(one_row(cu_seqlens=np.array([0.0, T])), ValueError, r"cu_seqlens must be a 1-D integer", "cu_seqlens-float"),
+    bad(one_row(cu_seqlens=np.array([0.0, T])), ValueError, r"cu_seqlens must be a 1-D integer .*got dtype float(32|64)$",
+        "cu_seqlens-float"),
     bad(one_row(cu_seqlens=np.array([[0, T]])), ValueError, r"cu_seqlens must be a 1-D integer", "cu_seqlens-2d"),
     bad(one_row(cu_seqlens=np.array([0, T]), mask=ones_mask(1, T)), ValueError, r"either mask or cu_seqlens",
         "mask-with-cu_seqlens"),
@@ -148,6 +150,10 @@ BAD_INPUTS = [
     # config
     bad(with_(config={"policy": "dla"}), TypeError, r"config must be a DLAConfig, got dict", "config-dict"),
     bad(with_(config=None), TypeError, r"config must be a DLAConfig, got NoneType", "config-None"),
+    # scale
+    bad(with_(scale=None), TypeError, r"scale must be a finite number, got None", "scale-None"),
+    bad(with_(scale="2"), TypeError, r"scale must be a finite number, got '2'", "scale-str"),
+    bad(with_(scale=float("nan")), TypeError, r"scale must be a finite number, got nan", "scale-nan"),
     bad(with_(config=DLAConfig(policy="dla", capacity=3, threshold=(0.2, 0.4, 0.6))), ValueError,
         r"DLAConfig\.threshold has 3 values, one per head, but the input has H = 2 heads", "threshold-wrong-length"),
 ]
@@ -168,6 +174,41 @@ def test_valid_input_runs(entry):
     o, _ = call(entry, one_row(cu_seqlens=np.array([0, 2, T]), initial_state=empty_state(
         N=2, S=(2, H, L, Dk, Dv), n=(2, H, L)))(valid_args()))
     assert tuple(o.shape) == (1, T, H, Dv)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_mask_and_cu_seqlens_may_be_lists(entry):
+    """As the numpy oracle takes them: the same outputs as from arrays."""
+    args = valid_args()
+    mask = [[True] * T, [False] + [True] * (T - 1)]
+    as_list, _ = call(entry, args, mask=mask)
+    as_array, _ = call(entry, with_(mask=np.array(mask))(args))
+    np.testing.assert_array_equal(np.array(as_list), np.array(as_array))
+    row = one_row()(args)
+    as_list, _ = call(entry, row, cu_seqlens=[0, 2, T])
+    as_array, _ = call(entry, with_(cu_seqlens=np.array([0, 2, T]))(row))
+    np.testing.assert_array_equal(np.array(as_list), np.array(as_array))
+
+
+FOREIGN = {"torch": (lambda x: mx.array(x), r"torch\.Tensor .* got mlx\.core\.array"),
+           "mlx": (lambda x: torch.tensor(x), r"mlx\.core\.array .* got torch\.Tensor")}
+
+
+@pytest.mark.parametrize("name", ["q", "g", "beta", "initial_state.S", "initial_state.n"])
+@pytest.mark.parametrize("entry", ["torch", "mlx"])
+def test_arrays_of_another_framework_name_the_argument(entry, name):
+    foreign, expected = FOREIGN[entry]
+    args = {**valid_args(), "initial_state": made_state()}
+    converted = {key: TO_BACKEND[entry](x) if isinstance(x, np.ndarray) else x for key, x in args.items()}
+    state = converted["initial_state"]
+    converted["initial_state"] = DLAState(*(TO_BACKEND[entry](getattr(state, f)) for f in DLAState.FIELDS),
+                                          config=state.config)
+    if name.startswith("initial_state."):
+        setattr(converted["initial_state"], name.split(".")[1], foreign(getattr(state, name.split(".")[1])))
+    else:
+        converted[name] = foreign(args[name])
+    with pytest.raises(TypeError, match=rf"{re.escape(name)} must be a {expected}"):
+        ENTRY_POINTS[entry](**converted)
 
 
 @pytest.mark.parametrize("entry", ["torch", "mlx"])

@@ -14,7 +14,7 @@ import dla_mlx
 from dla_mlx.ops import metal
 from dla_mlx.ops.attention import empty_state
 from dla_shared import DLAState
-from dla_shared.scan import scan as shared_scan
+from dla_shared.scan import scan_numpy as shared_scan  # the loop the kernels mirror
 from helpers import (NAMES, POLICIES, assert_close, assert_rates_differ, assert_states_close, config_for,
                      head_thresholds, make_inputs, to_mlx)
 from metal_emu.harness import emulate, translate

@@ -274,3 +274,11 @@ def test_a_failed_convert_leaves_no_half_written_model(tmp_path, tokenizer_dir, 
     with pytest.raises(OSError, match="disk full"):
         torch_to_mlx(tmp_path / "m", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("ids", [[[1, 300]], [[-1, 2]]], ids=["past-the-vocabulary", "negative"])
+def test_token_ids_outside_the_vocabulary_are_refused(ids, tmp_path, tokenizer_dir):
+    """As torch's embedding refuses them (MLX's would read past its table)."""
+    _, model, _ = converted("gdn", "dla", tmp_path, tokenizer_dir)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size = 300\), got ids from"):
+        model(mx.array(ids))

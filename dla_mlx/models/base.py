@@ -137,6 +137,12 @@ class CausalLM(nn.Module):
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
         body = self.body
+        if input_embeddings is None and inputs.size:
+            # MLX's embedding lookup does not check: an id past the table reads whatever memory follows it
+            low, high = mx.min(inputs).item(), mx.max(inputs).item()
+            if low < 0 or high >= self.args.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size = {self.args.vocab_size}), got ids from "
+                                 f"{low} to {high}")
         h = body.embeddings(inputs) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
         mask = create_ssm_mask(h, cache[0])

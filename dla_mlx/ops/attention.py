@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import numpy as np
 
 from dla_shared import DLAConfig, DLAState
 from dla_shared.state import check_inputs
@@ -39,8 +40,12 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
         inputs; ``opened`` counts each sequence's and head's boundaries) or None.
     """
+    # mask and cu_seqlens may come as lists or numpy arrays, as the numpy oracle takes them
+    mask, cu_seqlens = (x if x is None or isinstance(x, mx.array) else mx.array(np.asarray(x))
+                        for x in (mask, cu_seqlens))
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
-                                         is_float=lambda x: mx.issubdtype(x.dtype, mx.floating))
+                                         is_float=lambda x: mx.issubdtype(x.dtype, mx.floating), scale=scale,
+                                         array_type=mx.array)
     if impl == "auto":
         impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "reference" if T == 1 else "chunk"
     if impl not in IMPLS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from dla_shared import DLAConfig, DLAState
@@ -50,8 +51,11 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
         inputs) or None.
     """
+    # mask and cu_seqlens may come as lists or numpy arrays, as the numpy oracle takes them
+    mask, cu_seqlens = (x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+                        for x in (mask, cu_seqlens))
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
-                                         is_float=torch.is_floating_point)
+                                         is_float=torch.is_floating_point, scale=scale, array_type=torch.Tensor)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "chunk"
     if impl not in IMPLS:
