@@ -13,6 +13,7 @@ thresholds ``tau`` [H] stay float32; a checkpoint without them gets its config's
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import sys
 import tempfile
@@ -95,7 +96,7 @@ def mlx_to_torch(source, out, force=False):
             weights[name] = torch.from_numpy(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)).to(dtype)
     with output_folder(out, folder, force) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text((folder / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # mlx-lm's float tags undone
         copy_tokenizer(folder, tmp)
 
 

@@ -103,7 +103,7 @@ def show_boundaries(model, tokenizer, prompt, tokens, args):
     print(f"State boundaries, layer {args.boundaries_layer}, head {args.boundaries_head} ('|' opens a state):")
     print(mark_boundaries(pieces, trace, args.boundaries_head))
     tau = dla_mixers(model)[args.boundaries_layer].tau[args.boundaries_head].item()
-    threshold = tau if model.args.dla_config.policy == "dla" else None
+    threshold = tau if model.args.dla.policy == "dla" else None
     name = "the default model" if args.model == str(DEFAULT_MODEL) else args.model
     plot_trace(trace, args.boundaries, h=args.boundaries_head, threshold=threshold,
                title=f"{name}: layer {args.boundaries_layer}, head {args.boundaries_head}")

@@ -61,14 +61,10 @@ def load_checkpoint(path_or_id) -> Checkpoint:
     if layout == "torch":
         model = from_pretrained(folder)
     else:
-        from mlx_lm.utils import load_config
-
         from dla_mlx.convert import mlx_to_torch
 
         with tempfile.TemporaryDirectory() as converted:
             mlx_to_torch(folder, converted)
-            # mlx-lm tags non-finite floats ({"__float__": "Infinity"}, Mamba-2's time_step_limit): untag them
-            Path(converted, "config.json").write_text(json.dumps(load_config(folder)))
             model = from_pretrained(converted)
     tokenizer = load_tokenizer(folder)
     return Checkpoint(folder, layout, model.float(), tokenizer, eos_token_id(tokenizer, folder))

@@ -43,7 +43,7 @@ def transformer(width, layers, heads):
 
 def filled_dla_cache(model, T):
     a = model.args
-    K, H, D, Dv = a.dla_config.capacity, a.num_heads, a.head_dim, a.head_v_dim
+    K, H, D, Dv = a.dla.capacity, a.num_heads, a.head_dim, a.head_v_dim
     cache = model.make_cache()
     for c in cache:
         key_dim, value_dim = H * D, H * Dv

@@ -67,7 +67,12 @@ def read_config(folder) -> dict:
     file = Path(folder, "config.json")
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
-    return json.loads(file.read_text())
+    return json.loads(file.read_text(), object_hook=_untag_float)
+
+
+def _untag_float(obj: dict):
+    """mlx-lm writes a non-finite float as {"__float__": "Infinity"} (Mamba-2's time_step_limit)."""
+    return float(obj["__float__"]) if obj.keys() == {"__float__"} else obj
 
 
 def copy_tokenizer(source, folder) -> None:

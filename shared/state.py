@@ -65,7 +65,11 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
     """
     if not isinstance(config, DLAConfig):
         raise TypeError(f"config must be a DLAConfig, got {type(config).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    try:  # a Python or numpy number, or a 0-d array
+        finite = not isinstance(scale, (bool, str)) and np.ndim(scale) == 0 and math.isfinite(float(scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
         raise TypeError(f"scale must be a finite number, got {scale!r}")
     if array_type is not None:
         named = {"q": q, "k": k, "v": v, "g": g, "lam": lam, "beta": beta}

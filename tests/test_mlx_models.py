@@ -180,7 +180,7 @@ def test_mamba2_converted_straight_to_mlx_equals_mlx_lm_mamba2(tmp_path):
     expected_model, _ = load_model(tmp_path / "hf", model_config={"intermediate_size": 64})
     assert convert_cli([str(tmp_path / "hf"), str(tmp_path / "dla"), "--policy", "single"]) == 0
     model, _ = load_model(tmp_path / "dla")
-    assert model.args.dla_config.policy == "single"
+    assert model.args.dla.policy == "single"
     ids = mx.array(np.random.default_rng(0).integers(0, 64, (2, 40)))
     np.testing.assert_allclose(np.array(model(ids)), np.array(expected_model(ids)), atol=1e-4, rtol=1e-4)
 
@@ -210,7 +210,7 @@ def test_trace_text_replays_a_layer_through_the_oracle(tmp_path, tokenizer_dir):
     trace = trace_text(model, ids, layer=1)
     assert importlib.import_module(type(model).__module__).dla_attention is dla_attention  # the op is restored
     assert trace.opened.shape == (1, 40, model.args.num_heads) and trace.opened[0, 0].all()
-    assert np.nanmin(np.abs(trace.score - model.args.dla_config.threshold)) > 1e-4  # no float32 near-ties
+    assert np.nanmin(np.abs(trace.score - model.args.dla.threshold)) > 1e-4  # no float32 near-ties
     cache = model.make_cache()
     model(mx.array(ids)[None], cache=cache)
     np.testing.assert_array_equal(np.array(cache[1][2])[0], trace.n[0, -1])  # layer 1's token counts per slot

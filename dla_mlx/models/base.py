@@ -89,11 +89,11 @@ class DLAMixer(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.tau = mx.array(args.dla_config.thresholds(args.num_heads), dtype=mx.float32)
+        self.tau = mx.array(args.dla.thresholds(args.num_heads), dtype=mx.float32)
         self.freeze(keys="tau", recurse=False)
 
     def op_config(self) -> DLAConfig:
-        return dataclasses.replace(self.args.dla_config, threshold=tuple(self.tau.tolist()))
+        return dataclasses.replace(self.args.dla, threshold=tuple(self.tau.tolist()))
 
 
 def dla_mixers(model) -> list[DLAMixer]:

@@ -3,50 +3,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs
 
-from dla_shared import DLAConfig
-from dla_shared.config import mlp_size
+from dla_shared.model_config import DLAGatedDeltaNetConfig
 
 from ..ops import dla_attention
 from .base import MLP, CausalLM, DLAMixer, RMSNorm, causal_conv, get_state, read_weights, set_state
 
-
-@dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str = "dla_gated_deltanet"
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_heads: int = 12
-    head_dim: int = 64
-    expand_v: float = 2.0
-    conv_size: int = 4
-    intermediate_size: int | None = None
-    layer_norm_epsilon: float = 1e-5
-    tie_word_embeddings: bool = False
-    read_weight_norm: bool = True
-    dla: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.dla_config = DLAConfig.from_dict(self.dla) if isinstance(self.dla, dict) else self.dla
-        if self.intermediate_size is None:
-            self.intermediate_size = mlp_size(self.hidden_size)
-
-    @property
-    def head_v_dim(self):
-        return int(self.head_dim * self.expand_v)
+ModelArgs = DLAGatedDeltaNetConfig  # mlx-lm's name for the config: the one both backends share
 
 
 class GatedDeltaNet(DLAMixer):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
         a = args
-        H, K = a.num_heads, a.dla_config.num_slots
+        H, K = a.num_heads, a.dla.num_slots
         key_dim, value_dim = H * a.head_dim, H * a.head_v_dim
         self.q_proj = nn.Linear(a.hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(a.hidden_size, key_dim, bias=False)
@@ -67,7 +39,7 @@ class GatedDeltaNet(DLAMixer):
     def __call__(self, x, mask=None, cache=None):
         a = self.args
         B, T, _ = x.shape
-        H, K = a.num_heads, a.dla_config.num_slots
+        H, K = a.num_heads, a.dla.num_slots
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
         lengths = None if cache is None else cache.lengths

@@ -3,53 +3,22 @@ tensor names; `sanitize` turns the torch layout of the convolution weights into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs
 
-from dla_shared import DLAConfig
+from dla_shared.model_config import DLAMamba2Config
 
 from ..ops import dla_attention
 from .base import MLP, CausalLM, DLAMixer, RMSNorm, causal_conv, get_state, offsets, read_weights, set_state
 
-
-@dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str = "dla_mamba2"
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_heads: int = 24
-    head_dim: int = 64
-    state_size: int = 128
-    expand: int = 2
-    n_groups: int = 1
-    conv_kernel: int = 4
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    layer_norm_epsilon: float = 1e-5
-    residual_in_fp32: bool = True
-    time_step_limit: tuple = (0.0, float("inf"))
-    tie_word_embeddings: bool = False
-    read_weight_norm: bool = True
-    mlp_intermediate_size: int | None = None
-    dla: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.dla_config = DLAConfig.from_dict(self.dla) if isinstance(self.dla, dict) else self.dla
-
-    @property
-    def intermediate_size(self):
-        return self.expand * self.hidden_size
+ModelArgs = DLAMamba2Config  # mlx-lm's name for the config: the one both backends share
 
 
 class Mixer(DLAMixer):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
         a = args
-        H, K = a.num_heads, a.dla_config.num_slots
+        H, K = a.num_heads, a.dla.num_slots
         self.conv_dim = a.intermediate_size + 2 * a.n_groups * a.state_size
         self.in_proj = nn.Linear(a.hidden_size, a.intermediate_size + self.conv_dim + H + H * K, bias=a.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, a.conv_kernel, groups=self.conv_dim, bias=a.use_conv_bias)
@@ -63,7 +32,7 @@ class Mixer(DLAMixer):
     def __call__(self, x, mask=None, cache=None):
         a = self.args
         B, T, _ = x.shape
-        H, K, P, N = a.num_heads, a.dla_config.num_slots, a.head_dim, a.state_size
+        H, K, P, N = a.num_heads, a.dla.num_slots, a.head_dim, a.state_size
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
         z, xBC, dt, dl = mx.split(self.in_proj(x), offsets([a.intermediate_size, self.conv_dim, H, H * K]), axis=-1)

@@ -9,38 +9,15 @@ g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), lam = softplus(L * l) 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dla_shared.config import mlp_size
+from dla_shared.model_config import DLAGatedDeltaNetConfig
 
-from .config import BaseConfig
 from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
-
-
-@dataclasses.dataclass
-class DLAGatedDeltaNetConfig(BaseConfig):
-    head_dim: int = 64
-    expand_v: float = 2.0
-    conv_size: int = 4
-    intermediate_size: int | None = None  # the MLP's; None: 4 * hidden * 2 / 3, rounded up to 256
-    model_type: str = "dla_gated_deltanet"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.intermediate_size is None:
-            self.intermediate_size = mlp_size(self.hidden_size)
-        if int(self.head_dim * self.expand_v) != self.head_dim * self.expand_v:
-            raise ValueError(f"DLAGatedDeltaNetConfig: head_dim * expand_v must be an integer, got "
-                             f"{self.head_dim} * {self.expand_v}")
-
-    @property
-    def head_v_dim(self) -> int:
-        return int(self.head_dim * self.expand_v)
 
 
 class GatedDeltaNet(DLAMixer):

@@ -9,47 +9,15 @@ buffer, `DLAMixer`). In DLA's op: q = C, k = B, v = x * dt, g = A * dt, lam = so
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BaseConfig
+from dla_shared.model_config import DLAMamba2Config
+
 from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
-
-
-@dataclasses.dataclass
-class DLAMamba2Config(BaseConfig):
-    state_size: int = 128
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1
-    conv_kernel: int = 4
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    residual_in_fp32: bool = True
-    time_step_limit: tuple = (0.0, float("inf"))
-    time_step_min: float = 0.001
-    time_step_max: float = 0.1
-    time_step_floor: float = 1e-4
-    # None: Mamba-2's blocks (mixer only); a width: fla's (Log-Linear) Mamba-2 blocks, mixer then gated MLP.
-    mlp_intermediate_size: int | None = None
-    model_type: str = "dla_mamba2"
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.time_step_limit = tuple(self.time_step_limit)
-        if self.expand * self.hidden_size != self.num_heads * self.head_dim:
-            raise ValueError(f"DLAMamba2Config: expand * hidden_size ({self.expand * self.hidden_size}) must equal "
-                             f"num_heads * head_dim ({self.num_heads * self.head_dim})")
-        if self.num_heads % self.n_groups:
-            raise ValueError(f"DLAMamba2Config: num_heads ({self.num_heads}) must be divisible by n_groups ({self.n_groups})")
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.expand * self.hidden_size
 
 
 class Mixer(DLAMixer):
