@@ -8,6 +8,9 @@ last tenth of training). Writes ``OUT.json`` (every number), ``OUT.md`` (the tab
 
     python scripts/recall_experiment.py --transitions delta --seeds 0 1 2 --jobs 2 --out bench/recall_rates
     python scripts/recall_experiment.py --steps 5 --lengths 32 --pairs 2  # a smoke test
+    python scripts/recall_experiment.py --merge bench/recall_s0.json bench/recall_s1.json --out bench/recall
+
+``--merge`` joins the results of earlier runs (say one seed per run) into one set of tables and plot.
 
 Models: ``dla_mamba2`` (diagonal transition) and ``dla_gated_deltanet`` (gated delta rule). Policies at a
 matched number of states K (``--states``): ``single`` (one state: the base model), ``fixed`` (a state every
@@ -229,7 +232,17 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=64, help="sequences per evaluation cell")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="models trained at once (one CPU thread each)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="join these runs' OUT.json files instead of training")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        runs = [run for part in parts for run in part["runs"]]
+        keys = [(r["transition"], r["policy"], r["seed"]) for r in runs]
+        if len(set(keys)) != len(keys):
+            p.error("--merge: the files repeat a (transition, policy, seed) run")
+        write(Path(args.out), {"merged": args.merge, "args": [part["args"] for part in parts]}, runs,
+              [row for part in parts for row in part["results"]])
+        return 0
     if not any(4 * pairs <= min(args.lengths) for pairs in args.pairs):
         p.error("--pairs: the shortest length must hold at least one of them (4 tokens per pair)")
     jobs = [(transition, policy, seed, args) for seed in args.seeds for transition in args.transitions
@@ -241,16 +254,18 @@ def main(argv=None):
             done = pool.starmap(run_one, jobs)
     else:
         done = [run_one(*job) for job in jobs]
-    results = [row for rows, _ in done for row in rows]
-    runs = [run for _, run in done]
-    out = Path(args.out)
+    write(Path(args.out), {"args": vars(args)}, [run for _, run in done], [row for rows, _ in done for row in rows])
+    return 0
+
+
+def write(out: Path, header: dict, runs: list, results: list):
+    """OUT.json (every number), OUT.md (the tables) and OUT.png (the curves)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({**header, "runs": runs, "results": results}, indent=1))
     table = summary(results, runs) + "\n" + tables(results)
     out.with_suffix(".md").write_text(table)
     plot(results, out.with_suffix(".png"))
     print(table)
-    return 0
 
 
 if __name__ == "__main__":

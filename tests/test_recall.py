@@ -67,3 +67,14 @@ def test_recall_experiment_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert not moved["dla-paper"] and moved["dla-1/4"]  # fixed thresholds vs the target-rate controller
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "**MQAR** accuracy" in out.with_suffix(".md").read_text() and "NEEDLE" in capsys.readouterr().out
+    # --merge joins runs made separately (one seed each) into the same tables
+    for seed in (0, 1):
+        part = {"args": written["args"], "runs": [r for r in written["runs"] if r["seed"] == seed],
+                "results": [r for r in results if r["seed"] == seed]}
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(part))
+    merged = tmp_path / "merged"
+    seeds = [str(tmp_path / f"seed{s}.json") for s in (0, 1)]
+    assert experiment.main(["--merge", *seeds, "--out", str(merged)]) == 0
+    assert merged.with_suffix(".md").read_text() == out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        experiment.main(["--merge", seeds[0], seeds[0], "--out", str(merged)])
