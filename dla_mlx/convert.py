@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import importlib
 import sys
 import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -33,8 +35,13 @@ def register():
         sys.modules.setdefault(f"mlx_lm.models.{name}", importlib.import_module(f"dla_mlx.models.{name}"))
 
 
+# Copied into every MLX folder written here and named in its config.json, for mlx-lm's own tools.
+MODEL_FILE = "dla_model.py"
+
+
 def load(path_or_id, **kwargs):
-    """`mlx_lm.load` for DLA checkpoints: returns (model, tokenizer)."""
+    """`mlx_lm.load` for DLA checkpoints: returns (model, tokenizer). The model comes from the installed
+    package (registered with mlx-lm), not from a folder's ``model_file``, so no ``trust_remote_code``."""
     from mlx_lm import load as mlx_load
     from transformers.utils import logging
 
@@ -43,7 +50,8 @@ def load(path_or_id, **kwargs):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return mlx_load(str(resolve(path_or_id)), **kwargs)
+        model_config = {**kwargs.pop("model_config", {}), "model_file": None}
+        return mlx_load(str(resolve(path_or_id)), model_config=model_config, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
 
@@ -59,7 +67,7 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
     register()
     folder = resolve(source)
     _check_type(read_config(folder))
-    model, config = load_model(folder, strict=True)
+    model, config = load_model(folder, strict=True, model_config={"model_file": None})
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -69,10 +77,12 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
     if q_bits is not None:
         model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=model.quant_predicate)
     mx.eval(model.parameters())
+    config["model_file"] = MODEL_FILE
     with output_folder(out, folder, force) as tmp:
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         copy_tokenizer(folder, tmp)
+        shutil.copy(Path(__file__).with_name("mlx_lm_model.py"), tmp / MODEL_FILE)
     return dict(tree_flatten(model.parameters()))
 
 
@@ -96,6 +106,7 @@ def mlx_to_torch(source, out, force=False):
             weights[name] = torch.from_numpy(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)).to(dtype)
     with output_folder(out, folder, force) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.pop("model_file", None)  # mlx-lm's loader module stays with the MLX folders
         (tmp / "config.json").write_text(json.dumps(config, indent=2))  # mlx-lm's float tags undone
         copy_tokenizer(folder, tmp)
 
