@@ -99,7 +99,7 @@ def read_text(files, tokenizer, eos_id: int, max_tokens: int | None = None, text
     """The documents of ``files`` (text or JSONL, as `dla_torch.data.read_documents` reads them), tokenized and
     cut after ``max_tokens`` tokens. A file without text is an error that names it."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    documents = [d for d in read_documents(files, text_field) if d.strip()]
+    documents = [d for file in files for d in read_documents([file], text_field) if d.strip()]  # kinds may mix
     pieces, total = [], 0
     for encoding in tokenizer.encode_batch(documents):
         ids = (encoding.ids + [eos_id])[: None if max_tokens is None else max_tokens - total]

@@ -23,7 +23,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache
 
 from dla_mlx.models import dla_gated_deltanet as dla
-from dla_mlx.models.base import set_state
+from dla_mlx.models.base import dla_mixers, set_state
 from dla_shared import DLAState
 from dla_shared.plot import pyplot
 
@@ -51,9 +51,10 @@ def filled_dla_cache(model, T):
             c[i] = mx.random.normal((1, a.conv_size - 1, dim))
         n = np.full((1, H, K), T // K, np.int64)
         n[..., 0] += T - n.sum(-1)
-        set_state(c, model.conv_states, DLAState(mx.random.normal((1, H, K, D, Dv)) * 0.1, mx.array(n),
-                                                 mx.random.uniform(shape=(1, H, K)), mx.array([T], dtype=mx.int64),
-                                                 mx.zeros((1, H), dtype=mx.int64)))
+        state = DLAState(mx.random.normal((1, H, K, D, Dv)) * 0.1, mx.array(n), mx.random.uniform(shape=(1, H, K)),
+                         mx.array([T], dtype=mx.int64), mx.zeros((1, H), dtype=mx.int64),
+                         config=dla_mixers(model)[0].op_config())
+        set_state(c, model.conv_states, state)
     return cache
 
 
