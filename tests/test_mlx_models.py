@@ -179,7 +179,7 @@ def test_mamba2_converted_straight_to_mlx_equals_mlx_lm_mamba2(tmp_path):
     source.save_pretrained(tmp_path / "hf")
     expected_model, _ = load_model(tmp_path / "hf", model_config={"intermediate_size": 64})
     assert convert_cli([str(tmp_path / "hf"), str(tmp_path / "dla"), "--policy", "single"]) == 0
-    model, _ = load_model(tmp_path / "dla")
+    model, _ = load_model(tmp_path / "dla", trust_remote_code=True)  # through the folder's model_file
     assert model.args.dla.policy == "single"
     ids = mx.array(np.random.default_rng(0).integers(0, 64, (2, 40)))
     np.testing.assert_allclose(np.array(model(ids)), np.array(expected_model(ids)), atol=1e-4, rtol=1e-4)
