@@ -1,5 +1,6 @@
 """The decision scan of the chunkwise paths: every backend's chunk path runs it on the host (the Triton
-kernel in `dla_torch.ops.triton.scan` mirrors it line for line).
+kernel in `dla_torch.ops.triton.scan` and the Metal kernel in `metal_kernels/dla_scan.metal` mirror it line
+for line).
 
 The score needs only the newest state, so one pass over the tokens carries that state alone (the
 single-state recurrence, O(Dk Dv) per token) and `dla_shared.policy` turns the scores into decisions.

@@ -45,7 +45,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
         impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path
-            with a Triton decision scan) or "auto" (triton on CUDA, chunk elsewhere).
+            with Triton kernels: the decision scan, and for float32 the fused chunk forward and backward) or
+            "auto" (triton on CUDA, chunk elsewhere).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64

@@ -7,7 +7,8 @@ carried to its end, then reads ``o = (Lambda * A) v + sum_i lam[slot(i)] q~ S_i`
 the chunk end. The states live in a two-buffer workspace [B, H, 2, L, Dk, Dv] (read one, write the other),
 so no state is kept per chunk. Notation and shapes as in `dla_torch.ops.chunk`.
 
-Used without gradients (inference, evaluation, prefill); training differentiates the PyTorch chunk math.
+`chunk_forward` runs it without gradients (inference, evaluation, prefill); `FusedChunks` pairs it with the
+fused backward kernel for training (`dla_torch.ops.attention.dla_triton`).
 """
 
 from __future__ import annotations

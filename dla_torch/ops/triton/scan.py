@@ -1,7 +1,7 @@
 """The decision scan as one Triton kernel: the mirror of `dla_shared.scan`, line for line.
 
 One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
-cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `chunk.scan`). Each head
+cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `dla_torch.ops.chunk.scan`). Each head
 compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
 `dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
 tracked slot through one-hot comparisons instead of scatters.
