@@ -13,9 +13,9 @@ thresholds ``tau`` [H] stay float32; a checkpoint without them gets its config's
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
-import importlib
 import sys
 import tempfile
 from pathlib import Path

@@ -51,7 +51,8 @@ class Calibration:
         """One line per layer: its heads' open rates (mean, min, max), thresholds and how many hit the target."""
         lines = [f"target open rate {self.target:g} over {self.text.scored_tokens:,} tokens "
                  f"({len(self.text.cu_seqlens) - 1} documents)",
-                 f"{'layer':>5} {'mean':>7} {'min':>7} {'max':>7} {'tau min':>9} {'tau max':>9}  within {TOLERANCE:.0%}"]
+                 f"{'layer':>5} {'mean':>7} {'min':>7} {'max':>7} {'tau min':>9} {'tau max':>9}  "
+                 f"within {TOLERANCE:.0%}"]
         for layer, (rates, tau) in enumerate(zip(self.rates, self.tau)):
             hits = int((np.abs(rates / self.target - 1) <= TOLERANCE).sum())
             lines.append(f"{layer:>5} {rates.mean():>7.4f} {rates.min():>7.4f} {rates.max():>7.4f} "
@@ -101,8 +102,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-calibrate", description=__doc__.split("\n\n")[0],
                                 epilog=f"Exit status 1 if a head could not be brought within {TOLERANCE:.0%} of "
                                        "the target (the closest threshold found is written).")
-    p.add_argument("model", metavar="MODEL", help="a DLA checkpoint folder (torch, or MLX from dla-convert) or Hub id, with "
-                                 "policy 'dla' and a tokenizer")
+    p.add_argument("model", metavar="MODEL", help="a DLA checkpoint folder (torch, or MLX from dla-convert) or Hub id, "
+                                 "with policy 'dla' and a tokenizer")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=".txt (a whole file is one document) "
                    "or .jsonl files of sample text")
     p.add_argument("--rate", required=True, type=float, help="the target open rate, in (0, 1): the share of "
@@ -110,7 +111,8 @@ def main(argv=None):
     p.add_argument("--out", help="write the calibrated model here (default: into MODEL itself)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help=f"read at most N tokens of the data (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"bisection steps per layer (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"bisection steps per layer (default {DEFAULT_STEPS})")
     p.add_argument("--text-field", default="text", help="the documents' field in JSONL files")
     args = p.parse_args(argv)
     if not 0 < args.rate < 1:

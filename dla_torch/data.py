@@ -3,7 +3,8 @@ tokenizer from a local folder, concatenated with an end-of-document token, and c
 
 A row is one packed sequence of ``row_len`` tokens; ``cu_seqlens`` marks where its documents start (and,
 with a ``context``, every ``context`` tokens: the micro-batch's sequences), so no state and no convolution
-crosses a document or sequence boundary, and no token is trained to predict the next document. Rows are addressed by index, so the data position is a number that a checkpoint can keep.
+crosses a document or sequence boundary, and no token is trained to predict the next document. Rows are
+addressed by index, so the data position is a number that a checkpoint can keep.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="a checkpoint folder (with tokenizer.json) or a Hub "
                    "id; default: the small model shipped with the package")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=".txt (a whole file is one document), .jsonl or .parquet")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help=".txt (a whole file is one document), .jsonl or .parquet")
     p.add_argument("--text-field", default="text", help="the documents' field in JSONL / parquet files")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (the state carries across windows)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per batch")

@@ -103,8 +103,8 @@ def plot_open_rates(layers: list[list[dict]], path, title: str = "") -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", metavar="MODEL", help="a DLA checkpoint folder (torch, or MLX from dla-convert) or Hub id, with "
-                                 "policy 'dla' and a tokenizer")
+    p.add_argument("model", metavar="MODEL", help="a DLA checkpoint folder (torch, or MLX from dla-convert) or Hub id, "
+                                 "with policy 'dla' and a tokenizer")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=".txt (a whole file is one document) "
                    "or .jsonl files of sample text")
     p.add_argument("--json", metavar="OUT", help="also write the statistics to this JSON file")

@@ -82,7 +82,8 @@ def _merge(base: dict, new: dict, where: str):
     config class checks those)."""
     for key, value in new.items():
         if key not in base and not (where + ".").startswith(".model."):
-            raise ValueError(f"unknown config field {where[1:] + '.' if where else ''}{key}; expected one of {sorted(base)}")
+            raise ValueError(f"unknown config field {where[1:] + '.' if where else ''}{key}; "
+                             f"expected one of {sorted(base)}")
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, f"{where}.{key}")
         else:
@@ -132,7 +133,8 @@ class Trainer:
         self.config = config
         t = self.t = config["train"]
         self.rank, self.world = _init_distributed()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                                   else "cpu")
         torch.manual_seed(t["seed"])
         self.out = Path(config["out"])
         d = config["data"]
@@ -270,7 +272,8 @@ class Trainer:
                 with _single_process_quiet():
                     dcp.load(state, checkpoint_id=str(folder))
             except (Exception, CheckpointException) as error:  # a damaged checkpoint: fall back to an older one
-                warnings.warn(f"checkpoint {folder} does not load ({type(error).__name__}: {error}); trying an older one")
+                warnings.warn(f"checkpoint {folder} does not load ({type(error).__name__}: {error}); "
+                              "trying an older one")
                 continue
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             self.scheduler.load_state_dict(trainer["scheduler"])

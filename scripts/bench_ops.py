@@ -113,7 +113,8 @@ def table(rows) -> str:
 def plot(rows, meta, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (policy, impl), style in {("dla", "reference"): "o-", ("dla", "chunk"): "s-", ("single", "chunk"): "^--"}.items():
+    for (policy, impl), style in {("dla", "reference"): "o-", ("dla", "chunk"): "s-",
+                                  ("single", "chunk"): "^--"}.items():
         sel = [r for r in rows if r["policy"] == policy and r["impl"] == impl]
         if sel:
             ax.plot([r["T"] for r in sel], [r["fwd_bwd_s"] for r in sel], style, label=f"{policy} / {impl}")

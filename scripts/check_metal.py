@@ -26,6 +26,7 @@ from dla_mlx.ops.attention import empty_state
 from dla_shared import DLAConfig
 from dla_shared.scan import scan as shared_scan
 
+
 def configs(H):
     """Each policy's config at H heads."""
     return {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=16),

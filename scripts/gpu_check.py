@@ -96,7 +96,8 @@ def speed(args, device):
     fns = {}
     for policy in ("fenwick", "dla"):
         for delta in (False, True):
-            config = DLAConfig(policy=policy, capacity=max(30, math.ceil(math.log2(T)) + 1) if policy == "fenwick" else 30)
+            config = DLAConfig(policy=policy,
+                               capacity=max(30, math.ceil(math.log2(T)) + 1) if policy == "fenwick" else 30)
             fns[f"dla triton {policy} {'delta' if delta else 'diagonal'}"] = (
                 lambda x, c=config: dla_attention(*x.values(), config=c, impl="triton")[0], config.num_slots, delta)
     try:

@@ -101,7 +101,8 @@ class DLAMamba2Config(BaseConfig):
             raise ValueError(f"DLAMamba2Config: expand * hidden_size ({self.expand * self.hidden_size}) must equal "
                              f"num_heads * head_dim ({self.num_heads * self.head_dim})")
         if self.num_heads % self.n_groups:
-            raise ValueError(f"DLAMamba2Config: num_heads ({self.num_heads}) must be divisible by n_groups ({self.n_groups})")
+            raise ValueError(f"DLAMamba2Config: num_heads ({self.num_heads}) must be divisible by "
+                             f"n_groups ({self.n_groups})")
 
     @property
     def intermediate_size(self) -> int:

@@ -12,8 +12,8 @@ pos   int        tokens this row has seen (the position of the next token)
 
 A step never drops a state: it maps every old slot ``j`` to a new slot ``dest[j]`` (several old slots
 mapping to one new slot is a merge, states add), then the token is written into slot 0. Backends apply
-``dest`` to their states (as a 0/1 matrix, `transfer_matrix`), so this file is the only place where the
-policies live.
+``dest`` to their states (a scatter-add by slot; `transfer_matrix` is the same map as a 0/1 matrix), so this file is
+the only place where the policies live.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import DLAConfig
-
 
 # The policies' numbers in the kernels (Triton and Metal).
 POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}

@@ -99,7 +99,8 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
         if x is None and name in ("lam", "beta"):
             continue
         if name != "q" and tuple(x.shape) != expected[name]:
-            hint = f" (lam.shape[-1] must be config.num_slots = {L} for policy={config.policy!r})" if name == "lam" else ""
+            hint = (f" (lam.shape[-1] must be config.num_slots = {L} for policy={config.policy!r})"
+                    if name == "lam" else "")
             raise ValueError(f"{name} must have shape {list(expected[name])} [B, T, H, ...], got {list(x.shape)}{hint}")
         if not is_float(x):
             raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dla_torch
 from dla_shared import DLAConfig, DLAState, dla_attention, inspect, policy
 from dla_shared.config import SCORES
 
-import dla_torch
 from helpers import POLICIES, make_inputs, to_numpy, to_torch
 
 FAST = settings(max_examples=120, deadline=None)

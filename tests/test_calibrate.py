@@ -20,10 +20,17 @@ from dla_torch import inspect as inspect_cli
 from dla_torch.boundaries import load_checkpoint, read_text, record_layer, save_thresholds, weights_layout
 from dla_torch.calibrate import TOLERANCE, calibrate_folder
 from dla_torch.inspect import inspect_model
-from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
-                              DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
+from dla_torch.models import (
+    DLAGatedDeltaNetConfig,
+    DLAGatedDeltaNetForCausalLM,
+    DLAMamba2Config,
+    DLAMamba2ForCausalLM,
+    from_pretrained,
+    save_pretrained,
+)
 from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
+
 from helpers import make_tokenizer
 
 VOCAB = 300
@@ -66,8 +73,9 @@ def tiny_model(kind, policy="dla"):
         model = DLAMamba2ForCausalLM(DLAMamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                      num_heads=4, head_dim=16, state_size=8, n_groups=2, dla=dla))
     else:
-        model = DLAGatedDeltaNetForCausalLM(DLAGatedDeltaNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                                   num_heads=2, head_dim=8, dla=dla))
+        model = DLAGatedDeltaNetForCausalLM(DLAGatedDeltaNetConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                   num_hidden_layers=2, num_heads=2, head_dim=8,
+                                                                   dla=dla))
     return spread(model).eval()
 
 
@@ -230,9 +238,12 @@ def bad_inputs(corpus, tmp_path):
 BAD_CALIBRATIONS = {
     "rate-zero": (lambda f, x: [f, "--data", *x["data"], "--rate", "0"], r"--rate must be in \(0, 1\), got 0.0"),
     "rate-above-one": (lambda f, x: [f, "--data", *x["data"], "--rate", "1.5"], r"--rate must be in \(0, 1\), got 1.5"),
-    "empty-file": (lambda f, x: [f, "--data", x["empty"], "--rate", "0.1"], r"--data: data file .*empty.txt has no text"),
-    "blank-jsonl": (lambda f, x: [f, "--data", x["blank"], "--rate", "0.1"], r"--data: data file .*blank.jsonl has no text"),
-    "not-dla": (lambda f, x: [x["mamba2"], "--data", *x["data"], "--rate", "0.1"], r"model_type 'mamba2', not a DLA model"),
+    "empty-file": (lambda f, x: [f, "--data", x["empty"], "--rate", "0.1"],
+                   r"--data: data file .*empty.txt has no text"),
+    "blank-jsonl": (lambda f, x: [f, "--data", x["blank"], "--rate", "0.1"],
+                    r"--data: data file .*blank.jsonl has no text"),
+    "not-dla": (lambda f, x: [x["mamba2"], "--data", *x["data"], "--rate", "0.1"],
+                r"model_type 'mamba2', not a DLA model"),
     "not-dla-policy": (lambda f, x: [x["fenwick"], "--data", *x["data"], "--rate", "0.1"],
                        r"uses policy 'fenwick'; boundary thresholds exist only under policy 'dla'"),
     "hub-id-without-out": (lambda f, x: ["someone/some-model", "--data", *x["data"], "--rate", "0.1"],

@@ -6,6 +6,7 @@ import torch
 
 import dla_shared
 import dla_torch
+
 from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_numpy, to_torch
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]

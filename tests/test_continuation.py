@@ -8,6 +8,7 @@ import torch
 import dla_mlx
 import dla_shared
 import dla_torch
+
 from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_torch
 
 BACKENDS = {  # name: (op, convert inputs, convert outputs, impl)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_scripts import load as load_script
 from tokenizers import Tokenizer
 
 from dla_mlx import load
@@ -21,7 +22,6 @@ from dla_shared.hub import DEFAULT_MODEL
 from dla_torch.models import from_pretrained
 from dla_torch.models.hub import model_types
 from dla_torch.models.layers import dla_mixers
-from test_scripts import load as load_script
 
 MANIFEST = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
 PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"

@@ -13,8 +13,14 @@ import torch.nn.functional as F
 from dla_shared import DLAConfig
 from dla_torch.evaluate import load, main, perplexity, score
 from dla_torch.generate import generate
-from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
-                              DLAMamba2ForCausalLM, save_pretrained)
+from dla_torch.models import (
+    DLAGatedDeltaNetConfig,
+    DLAGatedDeltaNetForCausalLM,
+    DLAMamba2Config,
+    DLAMamba2ForCausalLM,
+    save_pretrained,
+)
+
 from helpers import WORDS, make_tokenizer
 
 
@@ -24,8 +30,9 @@ def tiny(kind, vocab_size):
     if kind == "mamba2":
         return DLAMamba2ForCausalLM(DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                                                     num_heads=4, head_dim=16, state_size=8, n_groups=2, dla=dla)).eval()
-    return DLAGatedDeltaNetForCausalLM(DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                                              num_heads=2, head_dim=8, dla=dla)).eval()
+    return DLAGatedDeltaNetForCausalLM(DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32,
+                                                              num_hidden_layers=2, num_heads=2, head_dim=8,
+                                                              dla=dla)).eval()
 
 
 def sentence(rng, low, high):
@@ -105,7 +112,8 @@ def test_a_long_document_in_windows_scores_as_at_once(kind, loaded):
     # In a batch with shorter documents (right padding) the long one scores the same too.
     alone = [perplexity(model, tokenizer, [d], seq_len=n, batch_size=1, progress=False) for d in [long, *short]]
     batch = perplexity(model, tokenizer, [long, *short], seq_len=9, batch_size=3, progress=False)
-    assert batch["tokens"] == sum(r["tokens"] for r in alone) == n - 1 + sum(len(tokenizer.encode(d).ids) for d in short)
+    assert (batch["tokens"] == sum(r["tokens"] for r in alone)
+            == n - 1 + sum(len(tokenizer.encode(d).ids) for d in short))
     assert batch["nll"] * batch["tokens"] == pytest.approx(sum(r["nll"] * r["tokens"] for r in alone), rel=1e-5)
 
 
@@ -126,7 +134,8 @@ def test_dla_eval_prints_the_summary_and_writes_json(checkpoint, loaded, tmp_pat
                  "--max-documents", "5", "--json", str(out)]) == 0
     expected = perplexity(*loaded, documents(checkpoint)[:5], seq_len=16, progress=False)
     line = capsys.readouterr().out.strip()
-    assert re.fullmatch(r"perplexity \d+\.\d\d \(nll \d+\.\d{3} nats/token\) over [\d,]+ tokens in 5 documents", line), line
+    assert re.fullmatch(r"perplexity \d+\.\d\d \(nll \d+\.\d{3} nats/token\) over [\d,]+ tokens in 5 documents",
+                        line), line
     assert f"{expected['perplexity']:.2f}" in line and f"{expected['tokens']:,} tokens" in line
     record = json.loads(out.read_text())
     assert record["documents"] == 5 and record["tokens"] == expected["tokens"]

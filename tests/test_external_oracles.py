@@ -12,6 +12,7 @@ from mlx_lm.models.gated_delta import gated_delta_update
 import dla_mlx
 import dla_shared
 import dla_torch
+
 from helpers import NAMES, assert_close, config_for, load_fla_naive, make_inputs, to_mlx, to_torch
 
 fla_naive = load_fla_naive()

@@ -18,5 +18,6 @@ def test_a_hub_id_that_cannot_be_fetched_names_both_possibilities(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match=r"'someone/model' is not a local folder, and the Hub repository "
-                                                r"'someone/model' could not be fetched \(ConnectionError: no network\)"):
+                                                r"'someone/model' could not be fetched "
+                                                r"\(ConnectionError: no network\)"):
         resolve("someone/model")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dla_shared import inspect, plot_trace
+
 from helpers import config_for, make_inputs
 
 

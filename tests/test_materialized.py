@@ -7,6 +7,7 @@ import torch
 import dla_shared
 import dla_torch
 from dla_shared.materialized import base_attention, materialized_attention
+
 from helpers import NAMES, POLICIES, assert_close, config_for, make_inputs, to_torch
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]

@@ -9,16 +9,26 @@ reference for one token, and ``impl="metal"`` end to end (decode, prefill, then 
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_chunk import prefix_state
 
 import dla_mlx
 from dla_mlx.ops import metal
 from dla_mlx.ops.attention import empty_state
 from dla_shared import DLAState
 from dla_shared.scan import scan_numpy as shared_scan  # the loop the kernels mirror
-from helpers import (NAMES, POLICIES, assert_close, assert_rates_differ, assert_states_close, config_for,
-                     head_thresholds, make_inputs, to_mlx)
+
+from helpers import (
+    NAMES,
+    POLICIES,
+    assert_close,
+    assert_rates_differ,
+    assert_states_close,
+    config_for,
+    head_thresholds,
+    make_inputs,
+    to_mlx,
+)
 from metal_emu.harness import emulate, translate
-from test_chunk import prefix_state
 
 LAUNCHERS = [pytest.param(emulate, id="emulated"),
              pytest.param(metal.run, id="metal", marks=pytest.mark.skipif(not mx.metal.is_available(),

@@ -4,12 +4,22 @@ per-head thresholds in the MLX reference and chunk paths against the oracle."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_chunk import prefix_state
 
 import dla_mlx
 import dla_shared
-from helpers import (NAMES, POLICIES, assert_close, assert_rates_differ, assert_states_close, config_for,
-                     head_thresholds, make_inputs, to_mlx)
-from test_chunk import prefix_state
+
+from helpers import (
+    NAMES,
+    POLICIES,
+    assert_close,
+    assert_rates_differ,
+    assert_states_close,
+    config_for,
+    head_thresholds,
+    make_inputs,
+    to_mlx,
+)
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 IMPLS = ["reference", "chunk"]

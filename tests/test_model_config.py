@@ -10,7 +10,8 @@ import dla_mlx.models.dla_gated_deltanet as mlx_gdn
 import dla_mlx.models.dla_mamba2 as mlx_mamba2
 from dla_shared.hub import read_config
 from dla_shared.model_config import DLAGatedDeltaNetConfig, DLAMamba2Config
-from dla_torch.models import DLAGatedDeltaNetConfig as TorchGDN, DLAMamba2Config as TorchMamba2
+from dla_torch.models import DLAGatedDeltaNetConfig as TorchGDN
+from dla_torch.models import DLAMamba2Config as TorchMamba2
 
 CLASSES = [pytest.param(DLAMamba2Config, id="mamba2"), pytest.param(DLAGatedDeltaNetConfig, id="gdn")]
 

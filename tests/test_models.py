@@ -6,20 +6,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from dla_shared import DLAConfig
 from dla_torch.generate import generate, sample
-from dla_torch.models import (DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config,
-                              DLAMamba2ForCausalLM, from_pretrained, save_pretrained)
+from dla_torch.models import (
+    DLAGatedDeltaNetConfig,
+    DLAGatedDeltaNetForCausalLM,
+    DLAMamba2Config,
+    DLAMamba2ForCausalLM,
+    from_pretrained,
+    save_pretrained,
+)
 from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
 from dla_torch.models.upcycle import upcycle
 
 POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=8),
-                  "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5), "dla": DLAConfig(policy="dla", capacity=4)}
+                  "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5),
+                  "dla": DLAConfig(policy="dla", capacity=4)}
 
 
 def tiny(kind, policy="dla", vocab_size=61, dla=None, perturb=True, **kw):
@@ -41,7 +48,8 @@ def tiny(kind, policy="dla", vocab_size=61, dla=None, perturb=True, **kw):
     return model.eval()
 
 
-MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn") for policy in ("fixed", "dla")]
+MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn")
+          for policy in ("fixed", "dla")]
 
 
 def close(a, b, tol=1e-5):
@@ -205,7 +213,8 @@ def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
 
 def test_upcycle_rejects_other_model_types(tmp_path):
     save_pretrained(tiny("gdn"), tmp_path)
-    with pytest.raises(ValueError, match=r"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint.*'dla_gated_deltanet'"):
+    with pytest.raises(ValueError, match=r"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint"
+                                         r".*'dla_gated_deltanet'"):
         upcycle(tmp_path, DLAConfig())
 
 
@@ -288,5 +297,6 @@ def test_a_cache_refuses_another_batch_size_or_cache_config(kind):
         with pytest.raises(ValueError, match="the cache holds 1 sequences but the input has batch size 2"):
             model(torch.tensor([[4], [5]]), cache=cache)
         other = tiny(kind, dla=DLAConfig(policy="fixed", capacity=4))
-        with pytest.raises(ValueError, match="initial_state was made under policy='dla'.* but config is policy='fixed'"):
+        with pytest.raises(ValueError,
+                           match="initial_state was made under policy='dla'.* but config is policy='fixed'"):
             other(torch.tensor([[4]]), cache=cache)

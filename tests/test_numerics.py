@@ -2,7 +2,6 @@
 negative finite g cumulated over a chunk give the oracle's outputs and final states, finite, in every backend
 (Triton in its interpreter, float32)."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 import dla_mlx
 import dla_shared
 import dla_torch
+
 from helpers import NAMES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_torch
 
 BACKENDS = {  # name: (op, convert inputs, impl, tolerance vs the float64 oracle)

@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from test_scripts import SCRIPTS, load
 
 from dla_shared import recall
-from test_scripts import SCRIPTS, load
 
 
 @pytest.mark.parametrize("pairs", [1, 4, 16], ids=lambda p: f"pairs{p}")
@@ -54,8 +54,8 @@ def test_recall_experiment_runs_end_to_end(tmp_path, capsys, monkeypatch):
     experiment = load("recall_experiment")
     out = tmp_path / "recall"
     assert experiment.main(["--steps", "2", "--lengths", "16", "--pairs", "2", "--depths", "0.5", "--states", "5",
-                            "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4", "--jobs", "2",
-                            "--seeds", "0", "1", "--out", str(out)]) == 0
+                            "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4",
+                            "--jobs", "2", "--seeds", "0", "1", "--out", str(out)]) == 0
     written = json.loads(out.with_suffix(".json").read_text())
     results = written["results"]
     runs = {(r["transition"], r["policy"], r["seed"]) for r in results}

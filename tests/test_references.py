@@ -8,8 +8,18 @@ import torch
 import dla_mlx
 import dla_shared
 import dla_torch
-from helpers import (NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_mlx,
-                     to_numpy, to_torch)
+
+from helpers import (
+    NAMES,
+    POLICIES,
+    assert_close,
+    assert_states_close,
+    config_for,
+    make_inputs,
+    to_mlx,
+    to_numpy,
+    to_torch,
+)
 
 SHAPES = [  # (B, T, H, Dk, Dv)
     pytest.param((1, 1, 1, 4, 4), id="T1"),

@@ -7,10 +7,11 @@ import sysconfig
 
 import numpy as np
 import pytest
+from test_chunk import prefix_state
 
 from dla_shared import scan
+
 from helpers import POLICIES, config_for, head_thresholds, make_inputs
-from test_chunk import prefix_state
 
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 CASES = [pytest.param(np.float64, "state_drift", id="f64-state_drift"),

@@ -12,15 +12,17 @@ import torch
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 from safetensors.torch import load_file, save_file
+from test_models import hf_mamba2, tiny  # noqa: F401 (a fixture)
 
 import dla_torch.models.layers as layers
 from dla_mlx.convert import mlx_to_torch, register, torch_to_mlx
-from dla_shared import DLAConfig, dla_attention as oracle, inspect
+from dla_shared import DLAConfig, inspect
+from dla_shared import dla_attention as oracle
 from dla_torch.models import from_pretrained, save_pretrained
 from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import upcycle
+
 from helpers import to_numpy
-from test_models import hf_mamba2, tiny  # noqa: F401 (a fixture)
 
 KINDS = ["mamba2", "gdn"]
 # One threshold per head of `tiny`'s models, at which their heads open at clearly different rates.
@@ -193,7 +195,8 @@ def test_a_checkpoint_without_tau_takes_the_configs_threshold(kind, tmp_path):
     x = ids()
     torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=0, atol=0)
     without_tau(model, tmp_path, 0.45)
-    assert all(torch.equal(m.tau, torch.full((len(HEAD_TAUS[kind]),), 0.45)) for m in dla_mixers(from_pretrained(tmp_path)))
+    assert all(torch.equal(m.tau, torch.full((len(HEAD_TAUS[kind]),), 0.45))
+               for m in dla_mixers(from_pretrained(tmp_path)))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -212,7 +215,7 @@ def test_a_bad_tau_is_a_clear_error(change, message, tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_upcycled_models_take_tau_from_the_config(hf_mamba2):
+def test_upcycled_models_take_tau_from_the_config(hf_mamba2):  # noqa: F811
     hf, folder = hf_mamba2
     thresholds = tuple(0.1 * (h + 1) for h in range(8))
     model = upcycle(folder, DLAConfig(policy="dla", capacity=4, threshold=thresholds))
@@ -240,7 +243,8 @@ def test_torch_mlx_torch_keeps_tau_and_logits(kind, tmp_path):
     converted = mlx_model(tmp_path / "m")
     taus = mlx_taus(converted)
     assert sorted(taus) == [PREFIX[kind].format(i=i) + ".tau" for i in range(2)]
-    assert all(t.dtype == mx.float32 and np.array(t).tolist() == list(np.float32(HEAD_TAUS[kind])) for t in taus.values())
+    assert all(t.dtype == mx.float32 and np.array(t).tolist() == list(np.float32(HEAD_TAUS[kind]))
+               for t in taus.values())
     assert not any(k.endswith(".tau") for k, _ in tree_flatten(converted.trainable_parameters()))
     x = ids(T=60)
     np.testing.assert_allclose(np.array(converted(mx.array(x.numpy()))), logits(model, x).numpy(), rtol=1e-4, atol=1e-4)

@@ -10,12 +10,13 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from test_chunk import run as run_with_grads
 
 import dla_shared
 import dla_torch
 from dla_shared import DLAConfig
+
 from helpers import NAMES, assert_close, assert_states_close, make_inputs, to_torch
-from test_chunk import run as run_with_grads
 
 # One threshold per head, per transition (the delta rule's scores run higher): about 80-100%, 20-60% and 1-10%
 # of the tokens open a state.

@@ -14,6 +14,7 @@ from dla_torch.data import PackedTokens, load_tokenizer
 from dla_torch.models import from_pretrained
 from dla_torch.models.layers import dla_mixers
 from dla_torch.train import DEFAULTS, Trainer, load_config, lr_factor, main
+
 from helpers import WORDS, make_tokenizer
 
 # dla-train, then every rank saves its thresholds (checkpoints and the export hold rank 0's only).
@@ -225,7 +226,8 @@ def test_packed_rows_cut_into_sequences_of_the_context(corpus):
 def test_resume_refuses_a_changed_config(corpus, tmp_path):
     out = tmp_path / "run"
     assert main(sum((["--set", s] for s in settings(corpus, out, stop_at=2)), [])) == 0
-    for change, shown in [(["train.lr=0.1"], "train.lr: 0.001 -> 0.1"), (["train.seq_len=32"], "train.seq_len: 64 -> 32"),
+    for change, shown in [(["train.lr=0.1"], "train.lr: 0.001 -> 0.1"),
+                          (["train.seq_len=32"], "train.seq_len: 64 -> 32"),
                           (['model.dla.policy="fenwick"'], "model.dla.policy: 'dla' -> 'fenwick'")]:
         with pytest.raises(ValueError, match=re.escape(shown)):
             Trainer(load_config(None, settings(corpus, out) + change))

@@ -13,8 +13,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_ssm_mask
 from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
 from dla_shared import DLAConfig, DLAState

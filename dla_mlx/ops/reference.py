@@ -35,7 +35,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         plan = policy.plan(config, n, ibar, pos, score, active[:, t])  # a per-head threshold meets score's heads
         opened = opened + (plan.opened & (pos > 0)[:, None])  # a sequence's first token is no boundary
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        S = mx.einsum("bhij,bhjkv->bhikv", mx.array(policy.transfer_matrix(plan.dest), dtype=S.dtype), S)
+        S = _move(S, plan.dest)
         S = mx.concatenate([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], axis=2)
         on = mx.array(active[:, t])
         S = mx.where(on[:, None, None, None, None], S, S_old)
@@ -45,6 +45,14 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
     final = DLAState(S, mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=S.dtype), mx.array(pos, dtype=mx.int64),
                      mx.array(opened, dtype=mx.int64))
     return o, final
+
+
+def _move(S, dest):
+    """Every state to its new slot, states that merge summed: ``new[dest[j]] += S[j]`` per (row, head), O(L)
+    states touched (a 0/1 transfer matrix would be O(L^2)). dest int [B, H, L] (`dla_shared.policy.Plan`)."""
+    B, H, _ = dest.shape
+    rows, heads = mx.arange(B)[:, None, None], mx.arange(H)[None, :, None]
+    return mx.zeros_like(S).at[rows, heads, mx.array(dest)].add(S)
 
 
 def _transition(S, k, beta):

@@ -191,6 +191,7 @@ class CausalLM(nn.Module):
         h = self.body.embeddings(input_ids)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            kw = {"mask": mask, "cache": None if cache is None else cache[i], "seq_ids": seq_ids, "cu_seqlens": cu_seqlens}
+            kw = {"mask": mask, "cache": None if cache is None else cache[i], "seq_ids": seq_ids,
+                  "cu_seqlens": cu_seqlens}
             h = checkpoint(layer, h, use_reentrant=False, **kw) if recompute else layer(h, **kw)
         return self.lm_head(self.body.final_norm(h).to(self.lm_head.weight.dtype)).float()

@@ -149,8 +149,8 @@ def main(argv=None):
         p.error(f"--rate must be in (0, 1), got {args.rate}")
     dla = DLAConfig(policy=args.policy, capacity=args.capacity, threshold=args.threshold, block_size=args.block_size)
     model = upcycle(args.source, dla, args.out)
-    print(f"wrote {args.out}: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"policy {dla.policy}")
+    print(f"wrote {args.out}: {model.config.model_type}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, policy {dla.policy}")
     if args.calibrate_data:
         from dla_torch.calibrate import calibrate_folder
 

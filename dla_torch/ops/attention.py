@@ -69,7 +69,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     if mask is not None:  # padding may hold anything; zeros keep NaN out of outputs and gradients
         keep = lambda x: None if x is None else torch.where(mask.to(x.device).view(B, T, *[1] * (x.dim() - 2)), x, 0)
         q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
-    state = empty_state(N, H, L, Dk, Dv, dtype, q.device) if initial_state is None else _cast_state(initial_state, dtype)
+    state = (empty_state(N, H, L, Dk, Dv, dtype, q.device) if initial_state is None
+             else _cast_state(initial_state, dtype))
 
     run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale)
     inputs = (q, k, v, g, lam, beta, mask)
@@ -83,7 +84,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
             valid = torch.arange(longest) < lengths[:, None]
             where = torch.where(valid, starts[:, None] + torch.arange(longest), 0).to(q.device)
             valid = valid.to(q.device)
-            pad = lambda x: None if x is None else torch.where(valid.view(N, longest, *[1] * (x.dim() - 2)), x[0, where], 0)
+            pad = lambda x: None if x is None else torch.where(valid.view(N, longest, *[1] * (x.dim() - 2)),
+                                                               x[0, where], 0)
             o, state = run(state, *map(pad, inputs[:-1]), valid)
             o = o[valid][None]
         else:  # one sequence at a time

@@ -32,7 +32,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         plan = policy.plan(config, n, ibar, pos, score, active[:, t].numpy())
         opened = opened + (plan.opened & (pos > 0)[:, None])  # boundaries: opens after the first token
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        S = torch.einsum("bhij,bhjkv->bhikv", torch.from_numpy(policy.transfer_matrix(plan.dest)).to(S), S)
+        S = _move(S, torch.from_numpy(plan.dest).to(S.device))
         S = torch.cat([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], dim=2)
         on = active[:, t].to(S.device)
         S = torch.where(on[:, None, None, None, None], S, S_old)
@@ -41,6 +41,12 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, S.shape[-1], dtype=S.dtype)
     final = DLAState(S, *(torch.from_numpy(x) for x in (n, ibar, pos, opened)))
     return o, final
+
+
+def _move(S, dest):
+    """Every state to its new slot, states that merge summed: ``new[dest[j]] += S[j]`` per (row, head), O(L)
+    states touched (a 0/1 transfer matrix would be O(L^2)). dest int64 [B, H, L] (`dla_shared.policy.Plan`)."""
+    return torch.zeros_like(S).scatter_add(2, dest[..., None, None].expand_as(S), S)
 
 
 def _transition(S, k, beta):

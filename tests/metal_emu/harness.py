@@ -47,7 +47,8 @@ ATTRIBUTES = {
     "threads_per_simdgroup": ("uint", "32u"),
 }
 # Builtins MLX knows that the shim does not emulate: a kernel naming one fails here instead of passing.
-UNSUPPORTED = ("quadgroup", "dispatch_", "grid_origin", "grid_size", "thread_execution_width", "simdgroups_per_threadgroup")
+UNSUPPORTED = ("quadgroup", "dispatch_", "grid_origin", "grid_size", "thread_execution_width",
+               "simdgroups_per_threadgroup")
 DECLARATION = re.compile(r"\bthreadgroup\s+([A-Za-z_]\w*)\s+([A-Za-z_]\w*)\s*\[([^\]]+)\]\s*;")
 
 

@@ -1,8 +1,8 @@
 """The decision scan as one Triton kernel: the mirror of `dla_shared.scan`, line for line.
 
 One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
-cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `dla_torch.ops.chunk.scan`). Each head
-compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
+cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `dla_torch.ops.chunk.scan`). Each
+head compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
 `dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
 tracked slot through one-hot comparisons instead of scatters.
 """
@@ -16,7 +16,6 @@ import triton.language as tl
 from dla_shared import policy
 from dla_shared.config import DLAConfig
 from dla_shared.state import DLAState
-
 
 
 @triton.jit
