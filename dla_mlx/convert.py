@@ -56,18 +56,27 @@ def load(path_or_id, **kwargs):
         logging.set_verbosity(verbosity)
 
 
+def load_model(folder):
+    """mlx-lm's ``load_model`` (model, config) for a local DLA folder of either layout, without a tokenizer; the
+    model comes from the installed package, as in `load`."""
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    register()
+    return mlx_load_model(Path(folder), strict=True, model_config={"model_file": None})
+
+
 def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=False):
     """A checkpoint in the torch (or already MLX) layout to the MLX layout, cast to ``dtype`` and quantized if
     asked (decay, skip, read-weight parameters and thresholds stay as they are: the model's cast and quant
     predicates). ``out`` is written all or nothing (`dla_shared.hub.output_folder`; ``force``: replace a model
     already there)."""
     from mlx.utils import tree_flatten, tree_map_with_path
-    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+    from mlx_lm.utils import quantize_model, save_config, save_model
 
     register()
     folder = resolve(source)
     _check_type(read_config(folder))
-    model, config = load_model(folder, strict=True, model_config={"model_file": None})
+    model, config = load_model(folder)
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

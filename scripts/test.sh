@@ -3,7 +3,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" "dev"
 cd "$root"
 set +e
-"$venv/bin/pytest" "$@"
+"$venv/bin/pytest" --durations=15 "$@"  # and the 15 slowest tests
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure" >&2

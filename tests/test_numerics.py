@@ -36,8 +36,12 @@ EDITS = {"g=-inf at t=5": reset_at(5), "g=-inf at a chunk start": reset_at(64),
          "g=-1e4 over a chunk": large_from(3)}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("delta", [False, True], ids=["diagonal", "delta"])
+# Triton in its interpreter is slow: the delta rule only (the floor is applied before any kernel runs).
+CASES = [pytest.param(backend, delta, id=f"{backend}-{'delta' if delta else 'diagonal'}")
+         for backend in BACKENDS for delta in (False, True) if delta or backend != "torch-triton"]
+
+
+@pytest.mark.parametrize("backend, delta", CASES)
 @pytest.mark.parametrize("edit", EDITS)
 def test_chunk_paths_at_extreme_decay_equal_the_oracle(edit, delta, backend):
     attention, convert, impl, tol = BACKENDS[backend]

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from mlx_lm.utils import load_model
 from safetensors.torch import load_file, save_file
 from test_models import hf_mamba2, tiny  # noqa: F401 (a fixture)
 
 import dla_torch.models.layers as layers
-from dla_mlx.convert import mlx_to_torch, register, torch_to_mlx
+from dla_mlx.convert import load_model, mlx_to_torch, torch_to_mlx
 from dla_shared import DLAConfig, inspect
 from dla_shared import dla_attention as oracle
 from dla_torch.models import from_pretrained, save_pretrained
@@ -227,7 +226,6 @@ def test_upcycled_models_take_tau_from_the_config(hf_mamba2):  # noqa: F811
 # -- MLX ----------------------------------------------------------------------------------------------------
 
 def mlx_model(folder):
-    register()
     return load_model(folder)[0]
 
 
