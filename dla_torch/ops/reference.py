@@ -32,7 +32,7 @@ def dla_reference(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale
         plan = policy.plan(config, n, ibar, pos, score, active[:, t].numpy())
         opened = opened + (plan.opened & (pos > 0)[:, None])  # boundaries: opens after the first token
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        S = _move(S, torch.from_numpy(plan.dest).to(S.device))
+        S = _move(S, torch.tensor(plan.dest, device=S.device))
         S = torch.cat([(S[:, :, 0] + token)[:, :, None], S[:, :, 1:]], dim=2)
         on = active[:, t].to(S.device)
         S = torch.where(on[:, None, None, None, None], S, S_old)
