@@ -4,6 +4,7 @@ through huggingface_hub), read its config, and write one without ever leaving a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -53,11 +54,8 @@ def verify(folder: Path) -> Path:
         file = folder / name
         if not file.exists():
             raise FileNotFoundError(f"{file} is missing; {manifest} lists it")
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
+        stat = file.stat()
+        if _sha256(file.resolve(), stat.st_size, stat.st_mtime_ns) != expected:
             raise ValueError(f"{file} does not match its SHA-256 in {manifest}: the file is damaged or was changed "
                              "(if you changed it on purpose, delete manifest.json)")
     return folder
@@ -95,6 +93,17 @@ def check_output(out, source=None, force: bool = False) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"out {str(out)!r} is not empty; choose a new folder, or pass force=True "
                               "(--force) to replace the model in it")
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(file: Path, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, computed once per (path, size, modification time): a command resolves a folder
+    several times."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

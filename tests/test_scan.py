@@ -2,6 +2,7 @@
 itself checked against the oracle through every chunk path): identical decisions and boundary counts,
 the bookkeeping within rounding, with merges active, padding, a continued cache and per-head thresholds."""
 
+import os
 import shutil
 import sysconfig
 
@@ -31,9 +32,9 @@ def scans(config, x, state, active, dtype, chunk_size=16, impls=(scan.scan_numpy
 
 
 def test_compiled_scan_is_built():
-    """Where a C compiler is, the install builds the extension, so the tests below do not skip."""
-    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None:
-        pytest.skip("no C compiler on this machine")
+    """Where a C compiler is (always in CI), the install builds the extension, so the tests below do not skip."""
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None and not os.environ.get("CI"):
+        pytest.skip("no C compiler on this machine: the numpy scan runs, which the other tests cover")
     assert scan._scan is not None
 
 

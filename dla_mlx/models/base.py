@@ -139,7 +139,7 @@ class CausalLM(nn.Module):
         body = self.body
         if input_embeddings is None and inputs.size:
             # MLX's embedding lookup does not check: an id past the table reads whatever memory follows it
-            low, high = mx.min(inputs).item(), mx.max(inputs).item()
+            low, high = mx.stack([mx.min(inputs), mx.max(inputs)]).tolist()  # one host sync
             if low < 0 or high >= self.args.vocab_size:
                 raise ValueError(f"token ids must be in [0, vocab_size = {self.args.vocab_size}), got ids from "
                                  f"{low} to {high}")
