@@ -1,6 +1,6 @@
 """The chunk paths at the edges of the log decay: g = -inf (a full reset, allowed by g <= 0) and very
 negative finite g cumulated over a chunk give the oracle's outputs and final states, finite, in every backend
-(Triton in its interpreter, float32)."""
+(Triton in its interpreter, float32); a non-finite input never reaches earlier tokens or other heads."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ import dla_mlx
 import dla_shared
 import dla_torch
 
-from helpers import NAMES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_torch
+from helpers import NAMES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_numpy, to_torch
 
 BACKENDS = {  # name: (op, convert inputs, impl, tolerance vs the float64 oracle)
     "torch-chunk": (dla_torch.dla_attention, to_torch, "chunk", 1e-10),
@@ -56,15 +56,24 @@ def test_chunk_paths_at_extreme_decay_equal_the_oracle(edit, delta, backend):
     assert_states_close(state, state2, tol)
 
 
-@pytest.mark.parametrize("backend", ["torch-chunk", "mlx-chunk"])
-def test_a_nan_stays_out_of_earlier_tokens_and_other_heads(backend):
-    """Diagonal transition (the delta rule's triangular solve still multiplies 0 by NaN within the chunk)."""
+NAN_CASES = [pytest.param(backend, delta, name, id=f"{backend}-{'delta' if delta else 'diagonal'}-{name}")
+             for backend in BACKENDS for delta in (False, True) for name in ("k", "v", "g", "beta")
+             if (delta or name != "beta") and (backend != "torch-triton" or (delta and name == "k"))]
+
+
+@pytest.mark.parametrize("backend, delta, name", NAN_CASES)
+def test_a_nan_stays_out_of_earlier_tokens_and_other_heads(backend, delta, name):
+    """A NaN in one token's k, v, g or beta: the earlier tokens and the other head equal the oracle's, and
+    the head's outputs are NaN from that token on (the chunk paths set all of them, the oracle some)."""
     attention, convert, impl, tol = BACKENDS[backend]
     config = config_for("dla")
-    x = make_inputs(config, 1, 20, 2, 5, 7, seed=4)
-    x["k"][0, 3, 0, 1] = np.nan
+    x = make_inputs(config, 1, 20, 2, 5, 7, delta=delta, seed=4)
+    x[name][0, 3, 0, ...] = np.nan
     o = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config)[0]
-    o2 = np.array(attention(*(None if x[n] is None else convert(x[n]) for n in NAMES), config=config, impl=impl)[0])
+    o2, state = attention(*(None if x[n] is None else convert(x[n]) for n in NAMES), config=config, impl=impl,
+                          output_final_state=True)
+    o2 = to_numpy(o2)
     assert np.isnan(o2[0, 3:, 0]).all()
+    assert np.isnan(to_numpy(state.S[0, 0])).all()
     assert_close("o before the NaN", o[:, :3], o2[:, :3], tol)
     assert_close("o of the other head", o[:, :, 1], o2[:, :, 1], tol)

@@ -26,6 +26,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     active = np.ones((B, T), bool) if mask is None else np.array(mask)
     sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
     g = mx.maximum(g, decay_floor(mx.finfo(g.dtype).eps))  # the scan decided on g itself
+    k, v, g, beta, poisoned = _contain(k, v, g, beta)
     L = state.S.shape[2]
     S, outputs = state.S, [mx.zeros((B, 0, H, v.shape[-1]), dtype=state.S.dtype)]
     for c0 in range(0, T, chunk_size):
@@ -34,7 +35,20 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
         o, S = _math(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
                      sigma[:, :, c0:c1, : L + c1 - c0], scale)
         outputs.append(o)
-    return mx.concatenate(outputs, axis=1), DLAState(S, *book)
+    o = mx.where(poisoned[..., None], mx.nan, mx.concatenate(outputs, axis=1))
+    S = mx.where(poisoned[:, -1:].transpose(0, 2, 1)[..., None, None], mx.nan, S) if T else S
+    return o, DLAState(S, *book)
+
+
+def _contain(k, v, g, beta):
+    """Zero the tokens whose k, v, g or beta is not finite; return them and ``poisoned`` bool [B, T, H],
+    true from a head's first such token on, where the outputs and end states become NaN
+    (`dla_torch.ops.chunk._contain`: the causal masks' zeros would multiply a NaN into earlier tokens)."""
+    bad = ~(mx.isfinite(k).all(-1) & mx.isfinite(v).all(-1) & mx.isfinite(g))
+    if beta is not None:
+        bad = bad | ~mx.isfinite(beta)
+    zero = lambda x: None if x is None else mx.where(bad.reshape(*bad.shape, *[1] * (x.ndim - 3)), 0, x)
+    return *map(zero, (k, v, g, beta)), mx.cumsum(bad.astype(mx.int32), axis=1) > 0
 
 
 def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
@@ -60,7 +74,6 @@ def _math(q, k, v, g, lam, beta, S, sigma, scale):
     gamma, end = mx.exp(cum), cum[..., -1:]
     to_end = mx.exp(end - cum)  # gamma_end / gamma_s
     qk = qh @ kh.swapaxes(-1, -2)
-    # Masks are where(), not products with zeros, so that a NaN in one token stays out of earlier ones.
     if beta is None:
         A = mx.where(causal, ratio * qk, 0)
         q_start = gamma[..., None] * qh

@@ -46,6 +46,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     with torch.no_grad():
         sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
     g = g.clamp(min=decay_floor(torch.finfo(g.dtype).eps))  # the scan decided on g itself
+    k, v, g, beta, poisoned = _contain(k, v, g, beta)
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if not _needs_grad(q, k, v, g, lam, beta, state.S):
@@ -69,7 +70,23 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
                                   scale, use_reentrant=False)
             outputs.append(o)
         o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, v.shape[-1])
+    o = torch.where(poisoned[..., None], math.nan, o)
+    S = torch.where(poisoned[:, -1:].transpose(1, 2)[..., None, None], math.nan, S) if T else S
     return o, DLAState(S, *book)
+
+
+def _contain(k, v, g, beta):
+    """Zero the tokens whose k, v, g or beta is not finite; return them and ``poisoned`` bool [B, T, H],
+    true from a head's first such token on, where the outputs (and then the end states) are set to NaN.
+
+    The chunk math multiplies zeros of its causal masks by later tokens (A @ v, the triangular solve), so
+    a NaN left in would reach earlier tokens; zeroed, it cannot, and the NaN is put back where it belongs.
+    """
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1) & torch.isfinite(g))
+    if beta is not None:
+        bad |= ~torch.isfinite(beta)
+    zero = lambda x: None if x is None else torch.where(bad.view(*bad.shape, *[1] * (x.dim() - 3)), 0, x)
+    return *map(zero, (k, v, g, beta)), torch.cumsum(bad, dim=1) > 0
 
 
 def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigma, scale):
@@ -102,7 +119,6 @@ def _math(q, k, v, g, lam, beta, S, sigma, scale):
     ratio = torch.exp(torch.where(causal, cum[..., :, None] - cum[..., None, :], -math.inf))  # gamma_j / gamma_s
     gamma, end = torch.exp(cum), cum[..., -1:]
     to_end = torch.exp(end - cum)  # gamma_end / gamma_s
-    # Masks are where(), not products with zeros, so that a NaN in one token stays out of earlier ones.
     if beta is None:
         A = torch.where(causal, ratio * (qh @ kh.transpose(-1, -2)), 0)
         q_start = gamma[..., None] * qh
