@@ -1,18 +1,29 @@
-"""Shared test helpers: inputs, conversions between backends, and the fla-style relative error."""
+"""Shared test helpers: inputs, conversions between backends, the fla-style relative error, the chunk path
+against the reference, tiny models and the scripts as modules. Test modules import from here, never from
+each other; shared fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 
+import dla_shared
+import dla_torch
 from dla_shared import DLAConfig, DLAState, inspect
+from dla_shared.config import POLICIES  # noqa: F401 (re-exported: the tests' policies are the config's)
+from dla_torch.models import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config, DLAMamba2ForCausalLM
 
 NAMES = ("q", "k", "v", "g", "lam", "beta")
-POLICIES = ("single", "fenwick", "fixed", "dla")
+TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]  # the ``delta`` argument
+TOL32 = {"o": 4e-3, "grad": 1e-2}  # relative RMS, float32 (DESIGN section 5)
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def config_for(policy: str, **overrides) -> DLAConfig:
@@ -122,6 +133,45 @@ def assert_states_close(ref: DLAState, x: DLAState, tol):
     assert_close("ibar", ref.ibar, x.ibar, tol)
 
 
+def prefix_state(config, x, t):
+    """The oracle's state after the first t tokens, and the remaining inputs."""
+    head = {n: None if x[n] is None else x[n][:, :t] for n in NAMES}
+    tail = {n: None if x[n] is None else x[n][:, t:] for n in NAMES}
+    return dla_shared.dla_attention(*(head[n] for n in NAMES), config=config, output_final_state=True)[1], tail
+
+
+def run_with_grads(impl, config, x, dtype, state=None, **kw):
+    """dla_torch's ``impl``: forward and backward of a fixed random loss on outputs and final states; all
+    results as numpy."""
+    tx = to_torch(x, dtype, requires_grad=True)
+    ts = None if state is None else to_torch(state, dtype, requires_grad=True)
+    o, final = dla_torch.dla_attention(*(tx[n] for n in NAMES), config=config, impl=impl, initial_state=ts,
+                                       output_final_state=True, **kw)
+    rng = torch.Generator().manual_seed(0)
+    loss = (o * torch.randn(o.shape, generator=rng, dtype=dtype)).sum() + \
+        (final.S * torch.randn(final.S.shape, generator=rng, dtype=dtype)).sum()
+    loss.backward()
+    grads = {f"d{n}": tx[n].grad for n in NAMES if tx[n] is not None}
+    if ts is not None:
+        grads["dS0"] = ts.S.grad
+    return to_numpy(o), to_numpy(final), {n: to_numpy(v) for n, v in grads.items()}
+
+
+def compare(config, x, dtype=torch.float64, state=None, impl="chunk", **kw):
+    """dla_torch's ``impl`` vs its reference: outputs, final states and every gradient."""
+    o, final, grads = run_with_grads("reference", config, x, dtype, state, **kw)
+    o2, final2, grads2 = run_with_grads(impl, config, x, dtype, state, **kw)
+    if dtype == torch.float64:
+        tol = {"o": 1e-10, "grad": 1e-9}
+    else:
+        tol = TOL32
+    assert_close("o", o, o2, tol["o"])
+    assert_states_close(final, final2, tol["o"])
+    assert grads.keys() == grads2.keys()
+    for name in grads:
+        assert_close(name, grads[name], grads2[name], tol["grad"])
+
+
 def load_fla_naive():
     """fla's naive log-linear module, loaded by file path: the package __init__ needs a GPU stack."""
     spec = importlib.util.find_spec("fla")
@@ -152,3 +202,38 @@ def make_tokenizer(folder, docs, vocab_size=300):
     Path(folder, "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
     return tokenizer
+
+
+def load_script(name):
+    """A script of ``scripts/`` as a module (registered in sys.modules, so that its functions pickle for
+    subprocesses)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The tiny models' caches, per policy.
+POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=8),
+                  "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5),
+                  "dla": DLAConfig(policy="dla", capacity=4)}
+
+
+def tiny(kind, policy="dla", vocab_size=61, dla=None, perturb=True, **kw):
+    """A small random torch model, every parameter perturbed so that each matters (a new model's read weights
+    are all 1, which would hide the slots) unless ``perturb`` is False. ``dla`` replaces the policy's config."""
+    torch.manual_seed(0)
+    dla = dla or POLICY_CONFIGS[policy]
+    if kind == "mamba2":
+        config = DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                 state_size=8, n_groups=2, dla=dla, **kw)
+        model = DLAMamba2ForCausalLM(config)
+    else:
+        config = DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                                        head_dim=8, dla=dla, **kw)
+        model = DLAGatedDeltaNetForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters() if perturb else ():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()

@@ -19,10 +19,9 @@ import dla_torch
 from dla_shared import DLAConfig, DLAState, dla_attention, inspect, policy
 from dla_shared.config import SCORES
 
-from helpers import POLICIES, make_inputs, to_numpy, to_torch
+from helpers import POLICIES, TRANSITIONS, make_inputs, to_numpy, to_torch
 
 FAST = settings(max_examples=120, deadline=None)
-TRANSITIONS = {"diagonal": False, "delta": True}
 
 
 class Case(NamedTuple):
@@ -208,11 +207,11 @@ def test_token_counts_sum_to_tokens_seen_across_a_continued_sequence(case, data)
 # Merges conserve the state sum
 
 
-@pytest.mark.parametrize("transition", TRANSITIONS)
+@pytest.mark.parametrize("delta", TRANSITIONS)
 @FAST
 @given(data=st.data())
-def test_states_sum_to_the_single_state_model(transition, data):
-    case = data.draw(cases(layouts=("batch", "mask"), delta=TRANSITIONS[transition]), label="case")
+def test_states_sum_to_the_single_state_model(delta, data):
+    case = data.draw(cases(layouts=("batch", "mask"), delta=delta), label="case")
     final = run_final(case)
     single = run_final(case, DLAConfig(policy="single", eps=case.config.eps))
     np.testing.assert_allclose(final.S.sum(axis=2), single.S[:, :, 0], rtol=1e-10, atol=1e-10)
@@ -367,10 +366,10 @@ def test_masked_tokens_change_nothing(case, seed):
     assert np.isnan(trace.score[~mask]).all()
 
 
-@pytest.mark.parametrize("transition", TRANSITIONS)
-def test_masked_tokens_change_nothing_torch_reference(transition):
+@pytest.mark.parametrize("delta", TRANSITIONS)
+def test_masked_tokens_change_nothing_torch_reference(delta):
     config = DLAConfig(policy="dla", capacity=3, threshold=0.5)
-    x = make_inputs(config, B=2, T=24, H=2, Dk=3, Dv=4, delta=TRANSITIONS[transition], seed=7, switch=0.3)
+    x = make_inputs(config, B=2, T=24, H=2, Dk=3, Dv=4, delta=delta, seed=7, switch=0.3)
     padded, mask, places = insert_padding(x, seed=8)
     o, state = dla_torch.dla_attention(**to_torch(x), config=config, output_final_state=True)
     o_pad, state_pad = dla_torch.dla_attention(**to_torch(padded), config=config, mask=torch.tensor(mask),

@@ -7,49 +7,9 @@ import torch
 import dla_shared
 import dla_torch
 
-from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_numpy, to_torch
+from helpers import NAMES, POLICIES, TRANSITIONS, assert_close, compare, config_for, make_inputs, prefix_state, to_torch
 
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 LENGTHS = [pytest.param(T, id=f"T{T}") for T in (1, 63, 64, 65, 200)]
-TOL32 = {"o": 4e-3, "grad": 1e-2}  # relative RMS, float32 (DESIGN section 5)
-
-
-def run(impl, config, x, dtype, state=None, **kw):
-    """Forward and backward of a fixed random loss on outputs and final states; all results as numpy."""
-    tx = to_torch(x, dtype, requires_grad=True)
-    ts = None if state is None else to_torch(state, dtype, requires_grad=True)
-    o, final = dla_torch.dla_attention(*(tx[n] for n in NAMES), config=config, impl=impl, initial_state=ts,
-                                       output_final_state=True, **kw)
-    rng = torch.Generator().manual_seed(0)
-    loss = (o * torch.randn(o.shape, generator=rng, dtype=dtype)).sum() + \
-        (final.S * torch.randn(final.S.shape, generator=rng, dtype=dtype)).sum()
-    loss.backward()
-    grads = {f"d{n}": tx[n].grad for n in NAMES if tx[n] is not None}
-    if ts is not None:
-        grads["dS0"] = ts.S.grad
-    return to_numpy(o), to_numpy(final), {n: to_numpy(v) for n, v in grads.items()}
-
-
-def prefix_state(config, x, t):
-    """The oracle's state after the first t tokens, and the remaining inputs."""
-    head = {n: None if x[n] is None else x[n][:, :t] for n in NAMES}
-    tail = {n: None if x[n] is None else x[n][:, t:] for n in NAMES}
-    return dla_shared.dla_attention(*(head[n] for n in NAMES), config=config, output_final_state=True)[1], tail
-
-
-def compare(config, x, dtype=torch.float64, state=None, impl="chunk", **kw):
-    """``impl`` vs the reference: outputs, final states and every gradient."""
-    o, final, grads = run("reference", config, x, dtype, state, **kw)
-    o2, final2, grads2 = run(impl, config, x, dtype, state, **kw)
-    if dtype == torch.float64:
-        tol = {"o": 1e-10, "grad": 1e-9}
-    else:
-        tol = TOL32
-    assert_close("o", o, o2, tol["o"])
-    assert_states_close(final, final2, tol["o"])
-    assert grads.keys() == grads2.keys()
-    for name in grads:
-        assert_close(name, grads[name], grads2[name], tol["grad"])
 
 
 @pytest.mark.parametrize("delta", TRANSITIONS)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_scripts import load as load_script
 from tokenizers import Tokenizer
 
 from dla_mlx import load
@@ -22,6 +21,8 @@ from dla_shared.hub import DEFAULT_MODEL
 from dla_torch.models import from_pretrained
 from dla_torch.models.hub import model_types
 from dla_torch.models.layers import dla_mixers
+
+from helpers import load_script
 
 MANIFEST = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
 PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
@@ -114,7 +115,7 @@ def test_torch_and_mlx_give_the_same_logits():
     ids = tokenizer.encode(PROMPT)
     logits_mlx = np.array(model(mx.array([ids])).astype(mx.float32))
     with torch.no_grad():
-        logits_torch = torch_model(torch.tensor([ids])).numpy()
+        logits_torch = torch_model(torch.tensor([ids])).logits.numpy()
     err = np.abs(logits_mlx - logits_torch).max() / np.abs(logits_torch).max()
     assert err < 1e-4, err
     taus = [np.array(m.tau) for m in mlx_mixers(model)]

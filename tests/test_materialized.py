@@ -8,9 +8,7 @@ import dla_shared
 import dla_torch
 from dla_shared.materialized import base_attention, materialized_attention
 
-from helpers import NAMES, POLICIES, assert_close, config_for, make_inputs, to_torch
-
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
+from helpers import NAMES, POLICIES, TRANSITIONS, assert_close, config_for, make_inputs, to_torch
 
 
 @pytest.mark.parametrize("delta", TRANSITIONS)

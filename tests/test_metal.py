@@ -9,7 +9,6 @@ reference for one token, and ``impl="metal"`` end to end (decode, prefill, then 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_chunk import prefix_state
 
 import dla_mlx
 from dla_mlx.ops import metal
@@ -20,12 +19,14 @@ from dla_shared.scan import scan_numpy as shared_scan  # the loop the kernels mi
 from helpers import (
     NAMES,
     POLICIES,
+    TRANSITIONS,
     assert_close,
     assert_rates_differ,
     assert_states_close,
     config_for,
     head_thresholds,
     make_inputs,
+    prefix_state,
     to_mlx,
 )
 from metal_emu.harness import emulate, translate
@@ -38,7 +39,6 @@ CONFIGS = {"single": ("single", {}), "fenwick": ("fenwick", {}), "fixed": ("fixe
            "dla-oldest": ("dla", {"merge": "oldest"}),
            "dla-token_drift": ("dla", {"score": "token_drift", "threshold": 0.6}),  # the paper's reading
            "fixed-density": ("fixed", {"merge": "density"})}
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 # Dv = 40: two simdgroups, the second partly idle; odd Dk; a chunk of 16 so that 70 tokens span five.
 SHAPE = {"B": 2, "H": 2, "Dk": 9, "Dv": 40}
 CHUNK = 16

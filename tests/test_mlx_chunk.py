@@ -4,7 +4,6 @@ per-head thresholds in the MLX reference and chunk paths against the oracle."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_chunk import prefix_state
 
 import dla_mlx
 import dla_shared
@@ -12,16 +11,17 @@ import dla_shared
 from helpers import (
     NAMES,
     POLICIES,
+    TRANSITIONS,
     assert_close,
     assert_rates_differ,
     assert_states_close,
     config_for,
     head_thresholds,
     make_inputs,
+    prefix_state,
     to_mlx,
 )
 
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 IMPLS = ["reference", "chunk"]
 
 

@@ -13,14 +13,13 @@ from mlx_lm import generate
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, load_prompt_cache, save_prompt_cache
 from safetensors.torch import load_file
-from test_models import tiny
 
 from dla_mlx.convert import load, mlx_to_torch, torch_to_mlx
 from dla_mlx.convert import main as convert_cli
 from dla_mlx.models.base import dla_mixers
 from dla_torch.models import save_pretrained
 
-from helpers import WORDS, make_tokenizer
+from helpers import WORDS, make_tokenizer, tiny
 
 VOCAB = 300  # the tokenizer's and the models' (token ids past an embedding table are undefined in MLX)
 MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn")

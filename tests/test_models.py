@@ -8,45 +8,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from dla_shared import DLAConfig
 from dla_torch.generate import generate, sample
-from dla_torch.models import (
-    DLAGatedDeltaNetConfig,
-    DLAGatedDeltaNetForCausalLM,
-    DLAMamba2Config,
-    DLAMamba2ForCausalLM,
-    from_pretrained,
-    save_pretrained,
-)
+from dla_torch.models import from_pretrained, save_pretrained
 from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
 from dla_torch.models.upcycle import upcycle
 
-POLICY_CONFIGS = {"single": DLAConfig(policy="single"), "fenwick": DLAConfig(policy="fenwick", capacity=8),
-                  "fixed": DLAConfig(policy="fixed", capacity=3, block_size=5),
-                  "dla": DLAConfig(policy="dla", capacity=4)}
-
-
-def tiny(kind, policy="dla", vocab_size=61, dla=None, perturb=True, **kw):
-    """A small random model, every parameter perturbed so that each matters (a new model's read weights are
-    all 1, which would hide the slots) unless ``perturb`` is False. ``dla`` replaces the policy's config."""
-    torch.manual_seed(0)
-    dla = dla or POLICY_CONFIGS[policy]
-    if kind == "mamba2":
-        config = DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
-                                 state_size=8, n_groups=2, dla=dla, **kw)
-        model = DLAMamba2ForCausalLM(config)
-    else:
-        config = DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2,
-                                        head_dim=8, dla=dla, **kw)
-        model = DLAGatedDeltaNetForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters() if perturb else ():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
+from helpers import POLICY_CONFIGS, tiny
 
 MODELS = [pytest.param(kind, policy, id=f"{kind}-{policy}") for kind in ("mamba2", "gdn")
           for policy in ("fixed", "dla")]
@@ -63,16 +33,16 @@ def test_packed_batch_equals_padded_batch(kind, policy):
     lengths = [9, 23, 14]
     docs = [torch.randint(0, 61, (n,)) for n in lengths]
     cu = torch.tensor([0, 9, 32, 46])
-    packed = model(torch.cat(docs)[None], cu_seqlens=cu)
+    packed = model(torch.cat(docs)[None], cu_seqlens=cu).logits
     T = max(lengths)
     padded = torch.zeros(3, T, dtype=torch.long)
     mask = torch.zeros(3, T, dtype=torch.bool)
     for i, d in enumerate(docs):  # left padding, as in batched generation
         padded[i, T - len(d):], mask[i, T - len(d):] = d, True
-    batch = model(padded, mask=mask)
+    batch = model(padded, mask=mask).logits
     for i, d in enumerate(docs):
         close(packed[0, cu[i]:cu[i + 1]], batch[i, T - len(d):])
-        close(packed[0, cu[i]:cu[i + 1]], model(d[None])[0])
+        close(packed[0, cu[i]:cu[i + 1]], model(d[None]).logits[0])
 
 
 @torch.no_grad()
@@ -80,10 +50,10 @@ def test_packed_batch_equals_padded_batch(kind, policy):
 def test_prefill_in_slices_then_decode_equals_one_forward(kind, policy):
     model = tiny(kind, policy)
     ids = torch.randint(0, 61, (2, 150))
-    full = model(ids)
+    full = model(ids).logits
     cache = model.make_cache()
-    parts = [model(ids[:, :64], cache=cache), model(ids[:, 64:137], cache=cache)]
-    parts += [model(ids[:, t : t + 1], cache=cache) for t in range(137, 150)]
+    parts = [model(ids[:, :64], cache=cache).logits, model(ids[:, 64:137], cache=cache).logits]
+    parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(137, 150)]
     close(torch.cat(parts, dim=1), full)
 
 
@@ -97,7 +67,7 @@ def test_save_then_load_gives_identical_logits(kind, tied, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == model.config.model_type and config["dla"]["policy"] == "dla"
     loaded = from_pretrained(tmp_path)
-    assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) is not tied
 
 
@@ -121,7 +91,7 @@ def test_new_models_have_small_normal_weights_and_read_every_state_with_weight_o
             weight = module.weight[module.weight != 0]  # Mamba-2's in_proj: all but its read-weight rows
             assert abs(weight.std().item() - 0.02) < 0.006 and abs(weight.mean().item()) < 0.006, name
     ids = torch.randint(0, 61, (2, 40))
-    close(models["fixed"](ids), model(ids))
+    close(models["fixed"](ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("kind", ["mamba2", "gdn"])
@@ -132,7 +102,7 @@ def test_tied_embeddings_train(kind):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss = F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -175,29 +145,13 @@ def test_unknown_model_type_and_missing_files(tmp_path):
         from_pretrained(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def hf_mamba2(tmp_path_factory):
-    """A random tiny transformers Mamba-2 (norms and D perturbed so every parameter matters), saved."""
-    torch.manual_seed(0)
-    config = Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8,
-                          num_heads=8, n_groups=2, conv_kernel=4, chunk_size=16)
-    model = Mamba2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".D"):
-                p.add_(0.3 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("mamba2")
-    model.save_pretrained(folder)
-    return model, folder
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("policy", list(POLICY_CONFIGS))
 def test_upcycled_mamba2_equals_transformers(policy, hf_mamba2):
     hf, folder = hf_mamba2
     ids = torch.randint(0, 64, (2, 45))
     model = upcycle(folder, POLICY_CONFIGS[policy])
-    close(model(ids), hf(ids).logits)
+    close(model(ids).logits, hf(ids).logits)
 
 
 def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
@@ -208,7 +162,7 @@ def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
     assert model.config.dla.policy == "fenwick"
     ids = torch.randint(0, 64, (1, 30))
     with torch.no_grad():
-        close(model(ids), hf(ids).logits)
+        close(model(ids).logits, hf(ids).logits)
 
 
 def test_upcycle_rejects_other_model_types(tmp_path):
@@ -226,7 +180,7 @@ def test_cached_generation_equals_recomputing_every_step(kind):
     out = generate(model, prompt, max_new_tokens=12, prefill_step=16)
     ids = prompt
     for _ in range(12):  # no cache: the whole text again each step
-        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ids)
 
 

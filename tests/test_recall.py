@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from test_scripts import SCRIPTS, load
 
 from dla_shared import recall
+
+from helpers import SCRIPTS, load_script
 
 
 @pytest.mark.parametrize("pairs", [1, 4, 16], ids=lambda p: f"pairs{p}")
@@ -51,7 +52,7 @@ def test_bad_task_arguments_are_clear_errors():
 
 def test_recall_experiment_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # --jobs 2: the worker processes import the script
-    experiment = load("recall_experiment")
+    experiment = load_script("recall_experiment")
     out = tmp_path / "recall"
     assert experiment.main(["--steps", "2", "--lengths", "16", "--pairs", "2", "--depths", "0.5", "--states", "5",
                             "--hidden", "16", "--head-dim", "8", "--layers", "1", "--batch", "4", "--eval-n", "4",

@@ -12,6 +12,7 @@ import dla_torch
 from helpers import (
     NAMES,
     POLICIES,
+    TRANSITIONS,
     assert_close,
     assert_states_close,
     config_for,
@@ -27,7 +28,6 @@ SHAPES = [  # (B, T, H, Dk, Dv)
     pytest.param((3, 63, 2, 7, 9), id="T63-B3"),
     pytest.param((2, 200, 2, 3, 5), id="T200"),
 ]
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 # mlx's exp is float32-accurate even on float64 arrays (measured: 2.6e-8 abs), so MLX "float64"
 # can only be held to about 1e-7; torch float64 to DESIGN's 1e-10.
 FLOAT64_TOL = {"torch": 1e-10, "mlx": 1e-7}

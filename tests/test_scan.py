@@ -8,13 +8,11 @@ import sysconfig
 
 import numpy as np
 import pytest
-from test_chunk import prefix_state
 
 from dla_shared import scan
 
-from helpers import POLICIES, config_for, head_thresholds, make_inputs
+from helpers import POLICIES, TRANSITIONS, config_for, head_thresholds, make_inputs, prefix_state
 
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 CASES = [pytest.param(np.float64, "state_drift", id="f64-state_drift"),
          pytest.param(np.float64, "token_drift", id="f64-token_drift"),
          # float32 state_drift loses digits to cancellation, so its near-threshold decisions depend on the

@@ -1,25 +1,13 @@
 """The benchmark scripts run end to end at tiny sizes (their numbers come from real runs, not tests)."""
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load(name):
-    """A script as a module (registered in sys.modules, so that its functions pickle for subprocesses)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_bench_ops_writes_json_plot_and_table(tmp_path, capsys):
-    bench = load("bench_ops")
+    bench = load_script("bench_ops")
     out = tmp_path / "ops"
     assert bench.main(["--lengths", "32", "70", "--reference-max-length", "32", "--heads", "1", "--dim", "8",
                        "--capacity", "4", "--repeats", "1", "--out", str(out)]) == 0
@@ -32,14 +20,14 @@ def test_bench_ops_writes_json_plot_and_table(tmp_path, capsys):
 
 def test_gpu_check_comparisons_run_on_cpu():
     """The correctness half of gpu_check.py, on the CPU through Triton's interpreter."""
-    gpu_check = load("gpu_check")
+    gpu_check = load_script("gpu_check")
     rows = gpu_check.check(argparse.Namespace(length=40, check_length=20, heads=1, dim=4), "cpu")
     assert len(rows) == 10 and all(r["ok"] for r in rows)
     assert {"dq", "dk", "dv", "dg", "dlam", "dbeta"} <= set(rows[-1]["errors"])
 
 
 def test_prepare_tiny_writes_a_split_corpus_and_tokenizer(tmp_path):
-    prepare = load("prepare_tiny")
+    prepare = load_script("prepare_tiny")
     out = tmp_path / "tiny"
     assert prepare.main(["--files", "6", "--valid-fraction", "0.2", "--vocab-size", "400", "--out", str(out)]) == 0
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
@@ -50,7 +38,7 @@ def test_prepare_tiny_writes_a_split_corpus_and_tokenizer(tmp_path):
 
 
 def test_bench_decode_measures_both_models(tmp_path, capsys):
-    bench = load("bench_decode")
+    bench = load_script("bench_decode")
     out = tmp_path / "decode"
     assert bench.main(["--lengths", "64", "256", "--width", "64", "--heads", "2", "--layers", "1", "--capacity", "4",
                        "--steps", "2", "--out", str(out)]) == 0
@@ -63,7 +51,7 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
 
 def test_check_metal_runs_every_kernel_through_the_harness(capsys):
     """check_metal.py is the Mac's check; --emulate runs the same comparisons through tests/metal_emu."""
-    check = load("check_metal")
+    check = load_script("check_metal")
     assert check.main(["--emulate"]) == 0
     out = capsys.readouterr().out
     assert out.count("dla_scan") == 8 and out.count("dla_decode") == 8

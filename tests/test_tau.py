@@ -11,7 +11,6 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
-from test_models import hf_mamba2, tiny  # noqa: F401 (a fixture)
 
 import dla_torch.models.layers as layers
 from dla_mlx.convert import load_model, mlx_to_torch, torch_to_mlx
@@ -21,7 +20,7 @@ from dla_torch.models import from_pretrained, save_pretrained
 from dla_torch.models.layers import dla_mixers
 from dla_torch.models.upcycle import upcycle
 
-from helpers import to_numpy
+from helpers import tiny, to_numpy
 
 KINDS = ["mamba2", "gdn"]
 # One threshold per head of `tiny`'s models, at which their heads open at clearly different rates.
@@ -43,7 +42,7 @@ def ids(T=48, B=2, seed=1):
 
 def logits(model, x, **kw):
     with torch.no_grad():
-        return model(x, **kw)
+        return model(x, **kw).logits
 
 
 @pytest.fixture
@@ -127,7 +126,7 @@ def test_training_forward_records_the_oracles_boundaries(kind, layout, checkpoin
     else:
         x = ids(T=43)
         kw = {"mask": torch.arange(43) >= torch.tensor([[26], [0]])}
-    model(x, **kw).sum().backward()
+    model(x, **kw).logits.sum().backward()
     assert len(recorded) == (4 if checkpointing else 2)  # the recompute runs each layer's op again
     for mixer, call in zip(dla_mixers(model), recorded):
         opened, tokens = mixer.boundaries
@@ -214,7 +213,7 @@ def test_a_bad_tau_is_a_clear_error(change, message, tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_upcycled_models_take_tau_from_the_config(hf_mamba2):  # noqa: F811
+def test_upcycled_models_take_tau_from_the_config(hf_mamba2):
     hf, folder = hf_mamba2
     thresholds = tuple(0.1 * (h + 1) for h in range(8))
     model = upcycle(folder, DLAConfig(policy="dla", capacity=4, threshold=thresholds))

@@ -10,19 +10,17 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from test_chunk import run as run_with_grads
 
 import dla_shared
 import dla_torch
 from dla_shared import DLAConfig
 
-from helpers import NAMES, assert_close, assert_states_close, make_inputs, to_torch
+from helpers import NAMES, TRANSITIONS, assert_close, assert_states_close, make_inputs, run_with_grads, to_torch
 
 # One threshold per head, per transition (the delta rule's scores run higher): about 80-100%, 20-60% and 1-10%
 # of the tokens open a state.
 THRESHOLDS = {False: (0.15, 0.3, 0.6), True: (0.15, 0.45, 1.0)}
 CONFIGS = {delta: DLAConfig(policy="dla", capacity=4, threshold=t) for delta, t in THRESHOLDS.items()}
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
 
 
 class Impl(NamedTuple):

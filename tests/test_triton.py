@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_chunk import compare, prefix_state
 
 import dla_torch
 from dla_torch.ops import chunk
@@ -17,9 +16,18 @@ from dla_torch.ops.attention import empty_state
 from dla_torch.ops.triton import chunk as triton_chunk
 from dla_torch.ops.triton import scan as triton_scan
 
-from helpers import NAMES, POLICIES, assert_close, assert_states_close, config_for, make_inputs, to_torch
-
-TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]
+from helpers import (
+    NAMES,
+    POLICIES,
+    TRANSITIONS,
+    assert_close,
+    assert_states_close,
+    compare,
+    config_for,
+    make_inputs,
+    prefix_state,
+    to_torch,
+)
 
 
 @pytest.fixture
