@@ -94,7 +94,7 @@ def _score_batch(model, sequences, starts, seq_len):
     cache = model.make_cache()
     for s in range(0, ids.shape[1] - 1, seq_len):
         e = min(s + seq_len, ids.shape[1] - 1)
-        logits = model(ids[:, s:e], cache=cache)  # [B, W, V] float32
+        logits = model(ids[:, s:e], cache=cache).logits  # [B, W, V] float32
         target, use = ids[:, s + 1 : e + 1], scored[:, s:e]
         token_logprob = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, W]
         logprob += torch.where(use, token_logprob, 0).double().sum(1)

@@ -23,7 +23,7 @@ def generate(model, input_ids, max_new_tokens=64, *, temperature=0.0, top_p=1.0,
     logits = None
     for start in range(0, T, prefill_step):
         part = None if mask is None else mask[:, start : start + prefill_step]
-        logits = model(input_ids[:, start : start + prefill_step], mask=part, cache=cache)[:, -1]
+        logits = model(input_ids[:, start : start + prefill_step], mask=part, cache=cache).logits[:, -1]
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_p, generator)
@@ -32,7 +32,7 @@ def generate(model, input_ids, max_new_tokens=64, *, temperature=0.0, top_p=1.0,
             done |= token == eos_id
             if done.all():
                 break
-        logits = model(token[:, None], cache=cache)[:, -1]
+        logits = model(token[:, None], cache=cache).logits[:, -1]
     return torch.cat(out, dim=1)
 
 

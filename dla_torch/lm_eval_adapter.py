@@ -117,7 +117,8 @@ class DLALM(TemplateLM):
             mask[i, T - len(p) :] = True
         cache = self.model.make_cache()
         for s in range(0, T, self.seq_len):
-            logits = self.model(ids[:, s : s + self.seq_len], mask=mask[:, s : s + self.seq_len], cache=cache)[:, -1]
+            window = slice(s, s + self.seq_len)
+            logits = self.model(ids[:, window], mask=mask[:, window], cache=cache).logits[:, -1]
         new = [[] for _ in prompts]
         done = [False] * len(prompts)
         for _ in range(max_gen_toks):
@@ -132,7 +133,7 @@ class DLALM(TemplateLM):
                     done[i] = any(stop in self.tok_decode(new[i]) for stop in until)
             if all(done):
                 break
-            logits = self.model(token[:, None], cache=cache)[:, -1]
+            logits = self.model(token[:, None], cache=cache).logits[:, -1]
         return [_cut(self.tok_decode(tokens), until) for tokens in new]
 
 

@@ -188,7 +188,7 @@ class Trainer:
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" and self.t["dtype"] == "bf16" \
             else nullcontext()
         with autocast:
-            logits = self.module(ids, cu_seqlens=cu)
+            logits = self.module(ids, cu_seqlens=cu).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     def train_step(self) -> dict:

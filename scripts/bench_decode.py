@@ -71,7 +71,7 @@ def decode_latency(model, cache, steps):
     token, times = mx.array([[1]]), []
     for i in range(steps + 2):
         start = time.perf_counter()
-        logits = model(token, cache=cache)
+        logits = model(token, cache=cache).logits
         mx.eval(logits, [c.state for c in cache])
         if i >= 2:
             times.append(time.perf_counter() - start)

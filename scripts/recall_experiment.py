@@ -98,7 +98,7 @@ def train(model, args, seed):
     losses, rates = [], []
     for _ in range(args.steps):
         b = batch(rng, args, args.batch)
-        logits = model(torch.from_numpy(b.inputs))
+        logits = model(torch.from_numpy(b.inputs)).logits
         loss = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(b.targets).flatten(), ignore_index=recall.IGNORE)
         opt.zero_grad()
         loss.backward()
@@ -117,7 +117,7 @@ def evaluate(model, args):
     """Rows {task, length, pairs or depth, accuracy} on sequences the model has not seen (seed offset)."""
     model.eval()
     rows = []
-    score = lambda b: recall.accuracy(model(torch.from_numpy(b.inputs)).numpy(), b.targets)
+    score = lambda b: recall.accuracy(model(torch.from_numpy(b.inputs)).logits.numpy(), b.targets)
     for length in args.lengths:
         for pairs in args.pairs:
             if 4 * pairs <= length:

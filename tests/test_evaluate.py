@@ -78,7 +78,7 @@ def eos(tokenizer):
 def logprobs(model, ids):
     """log p(ids[j] | ids[:j]) for j = 1 .. len - 1, from one forward pass over the whole sequence: [len - 1]."""
     ids = torch.tensor(ids)
-    return torch.log_softmax(model(ids[None])[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
+    return torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
 
 
 # -- perplexity -------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_perplexity_is_exp_of_the_cross_entropy_of_every_document(checkpoint, lo
     total, count = 0.0, 0
     for doc in docs:
         ids = torch.tensor(tokenizer.encode(doc).ids + [eos(tokenizer)])
-        total += F.cross_entropy(model(ids[None])[0, :-1], ids[1:], reduction="sum").item()
+        total += F.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="sum").item()
         count += len(ids) - 1
     result = perplexity(model, tokenizer, docs, seq_len=16, batch_size=3, progress=False)
     assert result["tokens"] == count and result["documents"] == len(docs)
@@ -207,7 +207,7 @@ def test_loglikelihood_is_greedy_exactly_when_every_token_is_the_argmax(lm):
     context = lm.tok_encode("the text changes and the cache")
     picked = []
     for _ in range(3):  # the model's own greedy continuation, token by token
-        picked.append(int(lm.model(torch.tensor([context + picked]))[0, -1].argmax()))
+        picked.append(int(lm.model(torch.tensor([context + picked])).logits[0, -1].argmax()))
     other = (picked[-1] + 1) % lm.text_tokenizer.get_vocab_size()
     results = lm._loglikelihood_tokens([(("", ""), context, picked), (("", ""), context, picked[:-1] + [other])],
                                        disable_tqdm=True)

@@ -17,8 +17,8 @@ CLASSES = [pytest.param(DLAMamba2Config, id="mamba2"), pytest.param(DLAGatedDelt
 
 
 def test_both_backends_use_the_shared_definition():
-    assert mlx_mamba2.ModelArgs is DLAMamba2Config is TorchMamba2
-    assert mlx_gdn.ModelArgs is DLAGatedDeltaNetConfig is TorchGDN
+    assert mlx_mamba2.ModelArgs is DLAMamba2Config is TorchMamba2.shared  # torch's: transformers configs around it
+    assert mlx_gdn.ModelArgs is DLAGatedDeltaNetConfig is TorchGDN.shared
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -92,7 +92,7 @@ def test_tiny_run_learns_and_exports_a_loadable_model(corpus, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "trained 30 steps" in printed.out and "rate=" in printed.err  # the progress bar's rate summary
     ids = torch.randint(0, 300, (1, 20))
-    assert model(ids).shape == (1, 20, model.config.vocab_size)
+    assert model(ids).logits.shape == (1, 20, model.config.vocab_size)
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):

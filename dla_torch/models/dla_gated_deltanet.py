@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dla_shared.model_config import DLAGatedDeltaNetConfig
-
+from .configuration import DLAGatedDeltaNetConfig
 from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 
 
@@ -94,14 +93,15 @@ class Body(nn.Module):
 
 class DLAGatedDeltaNetForCausalLM(CausalLM):
     config_class = DLAGatedDeltaNetConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: DLAGatedDeltaNetConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights()
-        self.tie_weights()
+        self.post_init()
 
     @property
     def body(self):

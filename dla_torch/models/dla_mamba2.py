@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dla_shared.model_config import DLAMamba2Config
-
+from .configuration import DLAMamba2Config
 from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 
 
@@ -110,14 +109,15 @@ class Backbone(nn.Module):
 
 class DLAMamba2ForCausalLM(CausalLM):
     config_class = DLAMamba2Config
+    base_model_prefix = "backbone"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
     def __init__(self, config: DLAMamba2Config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights()
-        self.tie_weights()
+        self.post_init()
 
     @property
     def body(self):

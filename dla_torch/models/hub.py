@@ -1,5 +1,6 @@
 """Checkpoints in the Hugging Face layout: ``config.json`` plus ``model*.safetensors`` (never pickle),
-from a local folder or a Hub id (through huggingface_hub)."""
+from a local folder or a Hub id (through huggingface_hub). The models' transformers ``from_pretrained`` and
+``save_pretrained`` are these; the functions here are kept as thin layers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dla_shared.hub import copy_tokenizer, read_config, resolve
 
@@ -51,33 +51,37 @@ def check_weights(model: torch.nn.Module, weights: dict) -> None:
         raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
 
 
-def from_pretrained(path_or_id, dtype=None):
-    """Load a DLA causal LM saved by `save_pretrained` (or converted): returns the model in eval mode."""
+def load_checkpoint(path_or_id, cls=None):
+    """The DLA causal LM of a folder or Hub id (its manifest checked), of class ``cls`` if given (else its
+    config's model_type picks it), from its safetensors; in eval mode. Every tensor is checked (`check_weights`)."""
     folder = resolve(path_or_id)
     config = read_config(folder)
     types = model_types()
     model_type = config.get("model_type")
     if model_type not in types:
         raise ValueError(f"unknown model_type {model_type!r} in {folder}/config.json; expected one of {sorted(types)}")
+    if cls not in (None, types[model_type]):
+        raise ValueError(f"{folder} holds a {model_type} model, not a {cls.config_class.model_type}")
     cls = types[model_type]
     model = cls(cls.config_class.from_dict(config))
     weights = with_thresholds(model, load_weights(folder))
     check_weights(model, weights)
     model.load_state_dict(weights, strict=False)  # only lm_head.weight may be absent, tied to the embeddings
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 
+def from_pretrained(path_or_id, dtype=None):
+    """Load a DLA causal LM saved by `save_pretrained` (or converted): returns the model in eval mode.
+    The same as the model class's (transformers') ``from_pretrained``, the class read from config.json."""
+    model = load_checkpoint(path_or_id)
+    return model if dtype is None else model.to(dtype)
+
+
 def save_pretrained(model, folder, tokenizer_dir=None) -> Path:
-    """Write config.json and model.safetensors (and copy tokenizer files from ``tokenizer_dir``)."""
+    """transformers' ``model.save_pretrained`` (config.json and model.safetensors), and the tokenizer files of
+    ``tokenizer_dir`` copied."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save(folder)
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model.save_pretrained(folder)
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, folder)
     return folder

@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from dla_shared import DLAState
 from dla_torch.ops import dla_attention
 
 INIT_STD = 0.02  # transformers' and fla's initializer_range
+# transformers' from_pretrained arguments that change nothing here (the config is the checkpoint's own).
+TRANSFORMERS_IGNORED = {"config", "trust_remote_code", "_from_auto", "_from_pipeline"}
 
 
 class RMSNorm(nn.Module):
@@ -146,24 +150,56 @@ def dla_mixers(model: nn.Module) -> list[DLAMixer]:
     return [m for m in model.modules() if isinstance(m, DLAMixer)]
 
 
-class CausalLM(nn.Module):
-    """``forward(input_ids [B, T], mask=None, cache=None, cu_seqlens=None) -> logits [B, T, V]`` (float32).
+class DLACache(list):
+    """What a model carries between calls: one `LayerCache` per layer, updated in place (`CausalLM.make_cache`).
+    transformers' ``generate`` passes it from step to step as ``cache``; every layer's state has a fixed
+    size (``is_linear``), so it never slices the text by a cache length."""
 
-    ``mask`` [B, T] bool marks real tokens (False = padding); ``cu_seqlens`` [N + 1] packs N documents in
-    one row (B == 1); ``cache`` is `make_cache()`'s list, updated in place, to continue the sequences.
-    Subclasses set ``body`` (embeddings, layers, final_norm) and ``lm_head``.
+    is_compileable = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self)
+
+
+@dataclasses.dataclass
+class CausalLMOutput(ModelOutput):
+    """``logits`` [B, T, V] float32; ``cache`` the `DLACache` continued (None without one)."""
+
+    logits: torch.Tensor | None = None
+    cache: DLACache | None = None
+
+
+class CausalLM(PreTrainedModel, GenerationMixin):
+    """A transformers causal LM: ``forward(input_ids [B, T], mask=None, cache=None, cu_seqlens=None)
+    -> CausalLMOutput`` (``.logits`` [B, T, V] float32).
+
+    ``mask`` [B, T] bool marks real tokens (False = padding), or ``attention_mask`` [B, >= T] (transformers'
+    name; its last T columns) does; ``cu_seqlens`` [N + 1] packs N documents in one row (B == 1); ``cache`` is
+    `make_cache()`'s `DLACache`, updated in place, to continue the sequences (``use_cache`` makes one).
+    Checkpoints are safetensors only (`from_pretrained`). Subclasses set ``body`` (embeddings, layers,
+    final_norm) and ``lm_head``.
     """
 
     body: nn.Module
     lm_head: nn.Linear
+    _is_stateful = True  # no assisted generation: a state cannot go back to an earlier token
+    _keep_in_fp32_modules_strict = ["tau"]
     activation_checkpointing = False  # in training, recompute each layer in the backward pass
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own cache (`make_cache`), not transformers' DynamicCache
 
     @property
     def layers(self):
         return self.body.layers
 
-    def make_cache(self) -> list[LayerCache]:
-        return [LayerCache() for _ in self.layers]
+    def make_cache(self) -> DLACache:
+        return DLACache(LayerCache() for _ in self.layers)
+
+    def get_input_embeddings(self):
+        return self.body.embeddings
 
     @torch.no_grad()
     def init_weights(self, std: float = INIT_STD):
@@ -178,12 +214,44 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
         for mixer in dla_mixers(self):
             mixer.reset_read_weights()
+        self.tie_weights()
 
-    def tie_weights(self):
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.body.embeddings.weight
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, device_map=None, **kwargs):
+        """A checkpoint folder or Hub id (checked against its manifest, `dla_shared.hub.resolve`), read from its
+        safetensors only (a pickle file is never opened): the model in eval mode. ``dtype`` (a torch dtype, its
+        name, or "auto"/None: as saved) and ``device_map`` (one device) as transformers takes them; its other
+        loading options are refused when set (``use_safetensors=False`` too)."""
+        from .hub import load_checkpoint
 
-    def forward(self, input_ids, mask=None, cache=None, cu_seqlens=None):
+        refused = sorted(k for k, v in kwargs.items() if k not in TRANSFORMERS_IGNORED and v not in (None, "", "main")
+                         and not (k == "use_safetensors" and v is True))
+        if args or refused:
+            raise ValueError(f"{cls.__name__}.from_pretrained: unsupported argument(s) {refused or list(args)}; "
+                             "DLA checkpoints load whole, from safetensors, with dtype and device_map")
+        if device_map is not None and not isinstance(device_map, (str, torch.device)):
+            raise ValueError(f"device_map must be one device, got {device_map!r}")
+        model = load_checkpoint(pretrained_model_name_or_path, cls)
+        if dtype not in (None, "auto"):
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model.to(device_map) if device_map is not None else model
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, is_first_iteration=False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask,
+                                                       is_first_iteration=is_first_iteration, **kwargs)
+        if inputs.get("cache") is not None and not is_first_iteration:
+            inputs.pop("attention_mask", None)  # the state already keeps the padding out; new tokens are real
+        return inputs
+
+    def forward(self, input_ids, mask=None, cache=None, cu_seqlens=None, *, attention_mask=None, use_cache=None,
+                **generate_flags):
+        """``generate_flags``: what transformers' generate passes besides (return_dict ...), unused."""
+        if attention_mask is not None:
+            if mask is not None:
+                raise ValueError("pass mask or attention_mask, not both")
+            mask = attention_mask[:, -input_ids.shape[1]:].bool()
+        if cache is None and use_cache:
+            cache = self.make_cache()
         seq_ids = None
         if cu_seqlens is not None:  # the document of every token, so convolutions stop at document starts
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -194,4 +262,5 @@ class CausalLM(nn.Module):
             kw = {"mask": mask, "cache": None if cache is None else cache[i], "seq_ids": seq_ids,
                   "cu_seqlens": cu_seqlens}
             h = checkpoint(layer, h, use_reentrant=False, **kw) if recompute else layer(h, **kw)
-        return self.lm_head(self.body.final_norm(h).to(self.lm_head.weight.dtype)).float()
+        logits = self.lm_head(self.body.final_norm(h).to(self.lm_head.weight.dtype)).float()
+        return CausalLMOutput(logits=logits, cache=cache)
