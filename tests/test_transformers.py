@@ -139,11 +139,11 @@ def test_greedy_generate_equals_dla_generate_on_a_left_padded_batch(kind):
     model = tiny(kind)
     rng = random.Random(0)
     ids, mask = left_padded([[rng.randrange(61) for _ in range(n)] for n in (5, 17, 11)])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, generate(model, ids, 10, mask=mask.bool()))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, generate(model, ids, 6, mask=mask.bool()))
     for i in range(3):  # and each row alone, unpadded
         row = ids[i, mask[i].bool()][None]
-        assert torch.equal(model.generate(row, max_new_tokens=10, do_sample=False)[0, row.shape[1]:], out[i, -10:])
+        assert torch.equal(model.generate(row, max_new_tokens=6, do_sample=False)[0, row.shape[1]:], out[i, -6:])
 
 
 @torch.no_grad()
@@ -154,12 +154,12 @@ def test_sampling_follows_the_seed(kind):
 
     def sampled(seed, **kw):
         torch.manual_seed(seed)
-        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0,
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0,
                               **kw)
 
     out = sampled(1, temperature=0.9)
     torch.manual_seed(1)  # the same draws as dla_torch.generate's sampling
-    assert torch.equal(out, generate(model, ids, 12, temperature=0.9, mask=mask.bool()))
+    assert torch.equal(out, generate(model, ids, 6, temperature=0.9, mask=mask.bool()))
     assert not torch.equal(out, sampled(2, temperature=0.9))
     assert torch.equal(sampled(3, temperature=0.7, top_p=0.8), sampled(3, temperature=0.7, top_p=0.8))
 
