@@ -24,8 +24,11 @@ import numpy as np
 
 from .config import DLAConfig
 
-# The policies' numbers in the kernels (Triton and Metal).
+# The choices' numbers in the kernels: the one table for Triton and Metal (metal_kernels/dla_common.h's enums
+# repeat it, and a test holds them equal).
 POLICY_IDS = {"single": 0, "fenwick": 1, "fixed": 2, "dla": 3}
+MERGE_IDS = {"oldest": 0, "density": 1}
+SCORE_IDS = {"token_drift": 0, "state_drift": 1}
 
 
 class Step(NamedTuple):
@@ -34,22 +37,22 @@ class Step(NamedTuple):
     merge_slot: int  # new slot holding two or more merged old states, -1 if none
 
 
-def score_from_terms(config: DLAConfig, state_sq, token_sq, cross, size: int):
+def score_from_terms(config: DLAConfig, state_sq, token_sq, cross, size: int, xp=np):
     """Eq. 13 from three scalars, with R(X) = X / sqrt(mean(X^2) + eps) over the flattened matrix.
 
     state_sq = ||S~||^2, token_sq = ||s_t||^2, cross = <S~, s_t>, size = Dk * Dv; numpy arrays or
-    scalars of any shape, computed in their own dtype. S~ is the newest state after this step's
-    transition and before the write.
+    scalars of any shape, computed in their own dtype (or arrays of the namespace ``xp``, e.g. ``mlx.core``).
+    S~ is the newest state after this step's transition and before the write.
     """
     eps = config.eps
-    r_state = 1.0 / np.sqrt(state_sq / size + eps)
+    r_state = 1.0 / xp.sqrt(state_sq / size + eps)
     if config.score == "token_drift":
         other_sq, other_cross = token_sq, cross
     else:  # state_drift: the other matrix is S~ + s_t
         other_sq, other_cross = state_sq + token_sq + 2 * cross, state_sq + cross
-    r_other = 1.0 / np.sqrt(other_sq / size + eps)
+    r_other = 1.0 / xp.sqrt(other_sq / size + eps)
     dist_sq = r_other**2 * other_sq + r_state**2 * state_sq - 2 * r_other * r_state * other_cross
-    return np.sqrt(np.maximum(dist_sq, 0)) / (r_state * np.sqrt(state_sq) + eps)
+    return xp.sqrt(xp.maximum(dist_sq, 0)) / (r_state * xp.sqrt(state_sq) + eps)
 
 
 def step(config: DLAConfig, n: np.ndarray, ibar: np.ndarray, pos: int, score: float) -> Step:
@@ -91,17 +94,20 @@ def check_levels(config: DLAConfig, last_pos: int) -> None:
                          f"position {2 ** (L - 1)} needs a larger DLAConfig.capacity")
 
 
-def opens(config: DLAConfig, pos, score):
-    """Whether a token opens a state in a non-empty cache (numpy arrays or scalars, broadcast; with a
-    per-head threshold, ``score``'s last axis is the head)."""
+def opens(config: DLAConfig, pos, score, xp=np):
+    """Whether a token opens a state in a non-empty cache (arrays of the namespace ``xp`` or, for numpy,
+    scalars; broadcast; with a per-head threshold, ``score``'s last axis is the head)."""
+    if xp is np:
+        pos, score = np.asarray(pos), np.asarray(score)
+    shape = np.broadcast_shapes(pos.shape, score.shape)
     if config.policy == "single":
-        return np.zeros(np.broadcast(pos, score).shape, bool)
+        return xp.full(shape, False)
     if config.policy == "fenwick":
-        return np.ones(np.broadcast(pos, score).shape, bool)
+        return xp.full(shape, True)
     if config.policy == "fixed":
-        return np.broadcast_to(pos % config.block_size == 0, np.broadcast(pos, score).shape)
+        return xp.broadcast_to(pos % config.block_size == 0, shape)
     # A per-head threshold [H] meets the score's last axis, its heads.
-    return np.broadcast_to(score >= np.asarray(config.threshold), np.broadcast(pos, score).shape)
+    return xp.broadcast_to(score >= xp.array(config.threshold), shape)
 
 
 def apply(dest: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -149,30 +155,34 @@ class Plan(NamedTuple):
     merge_slot: np.ndarray  # int [B, H]
 
 
-def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
+def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
     """`step` for every (row, head) of one token at once, with arrays (the backends' form; the oracle
     calls `step` itself, so the two check each other).
 
     n [B, H, L], ibar [B, H, L], pos [B], score [B, H] (ignored where the cache is empty), active
-    bool [B] (False = padding: nothing changes). ``ibar`` keeps the dtype it came in, so that a
-    continued sequence rounds the same way.
+    bool [B] (False = padding: nothing changes): numpy arrays, or arrays of the namespace ``xp`` (e.g.
+    ``mlx.core``, so that the decisions stay on the device; then the caller refuses a fenwick cache that
+    overflows, with `check_levels`, since this raises only for numpy). ``ibar`` keeps the dtype it came in,
+    so that a continued sequence rounds the same way.
     """
     B, H, L = n.shape
-    slots = np.arange(L)
-    empty = ~n.any(-1)
-    score = np.where(empty, 0, score).astype(ibar.dtype)  # an empty cache: I = 0
-    on = np.broadcast_to(active[:, None], (B, H))
-    opened = on & (empty | opens(config, pos[:, None], score))
+    slots = xp.arange(L)
+    empty = ~(n > 0).any(-1)
+    score = xp.where(empty, 0, score).astype(ibar.dtype)  # an empty cache: I = 0
+    on = xp.broadcast_to(active[:, None], (B, H))
+    opened = on & (empty | opens(config, pos[:, None], score, xp))
     moves = on & ~empty & opened  # a state opens in a cache that holds some: everything moves
-    merge_slot = np.full((B, H), -1)
+    merge_slot = xp.full((B, H), -1)
+    dest = xp.zeros_like(n) + slots
     if config.policy == "fenwick":
-        j = np.array([_trailing_ones(int(p) - 1) for p in pos])[:, None]  # levels 0..j fold into j + 1
-        if (moves & (j + 1 >= L)).any():
+        # Levels 0..j fold into j + 1, j = the trailing ones of pos - 1 = the trailing zeros of pos.
+        j = xp.round(xp.log2(xp.maximum(pos & -pos, 1).astype(xp.float32))).astype(pos.dtype)[:, None]
+        if xp is np and (moves & (j + 1 >= L)).any():
             p = int(pos[np.nonzero(moves & (j + 1 >= L))[0][0]])
             raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
                              f"position {p} needs a larger DLAConfig.capacity")
-        dest = np.where(moves[..., None] & (slots <= j[..., None]), j[..., None] + 1, slots)
-        merge_slot = np.where(moves & (j >= 1), j + 1, -1)
+        dest = xp.where(moves[..., None] & (slots <= j[..., None]), j[..., None] + 1, dest)
+        merge_slot = xp.where(moves & (j >= 1), j + 1, -1)
     elif config.policy in ("fixed", "dla"):
         m = (n > 0).sum(-1)
         full = moves & (m == L)
@@ -180,17 +190,14 @@ def plan(config: DLAConfig, n, ibar, pos, score, active) -> Plan:
             pair = m - 2
         else:  # the least dense adjacent pair; ties to the oldest (largest index)
             total_n = n[..., :-1] + n[..., 1:]
-            density = np.where(slots[:-1] < (m - 1)[..., None],
-                               (ibar[..., :-1] + ibar[..., 1:]) / np.maximum(total_n, 1), np.inf)
-            pair = L - 2 - np.argmin(density[..., ::-1], axis=-1)
-        merged = np.where(full[..., None] & (slots > pair[..., None]), slots - 1, slots)
-        dest = np.where(moves[..., None], np.minimum(merged + 1, L - 1), slots)
-        merge_slot = np.where(full, pair + 1, -1)
-    else:
-        dest = np.broadcast_to(slots, (B, H, L))
-    transfer = transfer_matrix(dest, ibar.dtype)
-    n = np.einsum("bhij,bhj->bhi", transfer.astype(n.dtype), n)
-    ibar = np.einsum("bhij,bhj->bhi", transfer, ibar)
-    n[..., 0] += on
-    ibar[..., 0] += np.where(on, score, 0)
-    return Plan(np.ascontiguousarray(dest), n, ibar, pos + active, opened, merge_slot)
+            density = xp.where(slots[:-1] < (m - 1)[..., None],
+                               (ibar[..., :-1] + ibar[..., 1:]) / xp.maximum(total_n, 1), xp.inf)
+            pair = L - 2 - xp.argmin(density[..., ::-1], axis=-1).astype(m.dtype)
+        merged = xp.where(full[..., None] & (slots > pair[..., None]), slots - 1, slots)
+        dest = xp.where(moves[..., None], xp.minimum(merged + 1, L - 1), dest)
+        merge_slot = xp.where(full, pair + 1, -1)
+    into = dest[..., :, None] == slots  # [B, H, L old, L new]: old slot j goes to new slot dest[j]
+    first = on[..., None] & (slots == 0)
+    n = xp.where(into, n[..., :, None], 0).sum(-2) + first
+    ibar = xp.where(into, ibar[..., :, None], 0).sum(-2) + xp.where(first, score[..., None], 0)
+    return Plan(dest, n, ibar, pos + active, opened, merge_slot)

@@ -13,8 +13,9 @@ from dla_shared.state import check_inputs
 from .chunk import dla_chunk
 from .metal import dla_metal
 from .reference import dla_reference
+from .step import dla_step
 
-IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "metal": dla_metal}
+IMPLS = {"reference": dla_reference, "step": dla_step, "chunk": dla_chunk, "metal": dla_metal}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -31,10 +32,10 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
-        impl: "reference" (token by token), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
+        impl: "reference" (token by token), "step" (token by token with the decisions on the device, one
+            compiled step: the decode path), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
             for one token, else the chunk path with the Metal decision scan) or "auto" (metal where Metal
-            exists and the inputs are not float64; elsewhere the reference for one token, which is the
-            decode kernel's ops path, and chunk for more).
+            exists and the inputs are not float64; elsewhere step for one token and chunk for more).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -47,7 +48,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating), scale=scale,
                                          array_type=mx.array)
     if impl == "auto":
-        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "reference" if T == 1 else "chunk"
+        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "step" if T == 1 else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype
