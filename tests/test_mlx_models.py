@@ -47,7 +47,7 @@ def test_mlx_logits_equal_torch(kind, policy, tmp_path, tokenizer_dir):
     model, mlx_model, _ = converted(kind, policy, tmp_path, tokenizer_dir)
     ids = np.random.default_rng(1).integers(0, 61, (2, 90))
     with torch.no_grad():
-        expected = model(torch.tensor(ids)).numpy()
+        expected = model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.array(mlx_model(mx.array(ids))), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -249,7 +249,7 @@ def test_convert_into_a_non_empty_folder_needs_force_and_drops_stale_shards(tmp_
     assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
     ids = np.random.default_rng(1).integers(0, 61, (1, 20))
     with torch.no_grad():
-        expected = model(torch.tensor(ids)).numpy()
+        expected = model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.array(load(out)[0](mx.array(ids))), expected, atol=1e-4, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
