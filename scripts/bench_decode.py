@@ -1,10 +1,12 @@
 """Decode benchmark (MLX): per-token latency and bytes of cached state vs context length, for a DLA Gated
-DeltaNet model and an mlx-lm Llama (KV cache) of the same width, measured in one run.
+DeltaNet model, an mlx-lm Llama (KV cache) and mlx-lm's single-state gated delta model (Qwen3-Next with
+every layer linear) of the same width and MLP, measured in one run.
 
 Each cache is first filled to the context length: the Transformer's KV cache with random keys and values
 of that length, DLA's cache with a full set of K random states at that position (what any context of
-that length leaves; a decode step's cost does not depend on the contents). Then the next tokens are
-decoded one at a time. Writes OUT.json and OUT.png and prints a markdown table.
+that length leaves; a decode step's cost does not depend on the contents); the gated delta model's state
+does not grow, so its cache is its state after a short prompt. Then the next tokens are decoded one at a
+time. Writes OUT.json and OUT.png and prints a markdown table.
 
     python scripts/bench_decode.py --lengths 512 2048 8192 32768 --out bench/decode_cpu
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen3_next
 from mlx_lm.models.cache import KVCache
 
 from dla_mlx.models import dla_gated_deltanet as dla
@@ -34,11 +36,26 @@ def dla_model(width, layers, heads, capacity):
     return dla.Model(args)
 
 
-def transformer(width, layers, heads):
+def transformer(width, layers, heads, mlp):
     args = llama.ModelArgs(model_type="llama", hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                           num_key_value_heads=heads, intermediate_size=4 * width, rms_norm_eps=1e-5,
+                           num_key_value_heads=heads, intermediate_size=mlp, rms_norm_eps=1e-5,
                            vocab_size=1024, rope_theta=10000.0)
     return llama.Model(args)
+
+
+def gated_delta(width, layers, heads, mlp):
+    """mlx-lm's Qwen3-Next with a dense MLP and no attention layer: every layer is a gated delta layer."""
+    D = width // heads
+    args = qwen3_next.ModelArgs(
+        model_type="qwen3_next", hidden_size=width, num_hidden_layers=layers, intermediate_size=mlp,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=D, linear_num_value_heads=heads,
+        linear_num_key_heads=heads, linear_key_head_dim=D, linear_value_head_dim=D, linear_conv_kernel_dim=4,
+        num_experts=0, num_experts_per_tok=1, decoder_sparse_step=1, shared_expert_intermediate_size=0,
+        mlp_only_layers=[], moe_intermediate_size=0, rms_norm_eps=1e-6, vocab_size=1024, rope_theta=10000.0,
+        partial_rotary_factor=1.0, max_position_embeddings=2**20, full_attention_interval=layers + 1)
+    model = qwen3_next.Model(args)
+    model.model.fa_idx = None  # no attention layer to take a mask for
+    return model
 
 
 def filled_dla_cache(model, T):
@@ -66,12 +83,18 @@ def filled_kv_cache(model, T):
     return cache
 
 
+def filled_gated_delta_cache(model, T):
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    return cache
+
+
 def decode_latency(model, cache, steps):
     """Median seconds per decoded token over ``steps`` tokens (after two warm-up steps)."""
     token, times = mx.array([[1]]), []
     for i in range(steps + 2):
         start = time.perf_counter()
-        logits = model(token, cache=cache).logits
+        logits = model(token, cache=cache)
         mx.eval(logits, [c.state for c in cache])
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -94,9 +117,11 @@ def main(argv=None):
     p.add_argument("--out", default="bench/decode_cpu")
     args = p.parse_args(argv)
     mx.random.seed(0)
-    models = {"dla": dla_model(args.width, args.layers, args.heads, args.capacity),
-              "transformer": transformer(args.width, args.layers, args.heads)}
-    fill = {"dla": filled_dla_cache, "transformer": filled_kv_cache}
+    dla = dla_model(args.width, args.layers, args.heads, args.capacity)
+    mlp = dla.args.intermediate_size
+    models = {"dla": dla, "transformer": transformer(args.width, args.layers, args.heads, mlp),
+              "gated_delta": gated_delta(args.width, args.layers, args.heads, mlp)}
+    fill = {"dla": filled_dla_cache, "transformer": filled_kv_cache, "gated_delta": filled_gated_delta_cache}
     rows = []
     for T in args.lengths:
         for name, model in models.items():
@@ -110,11 +135,13 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, meta, out.with_suffix(".png"))
     by = {(r["T"], r["model"]): r for r in rows}
-    print("| context | DLA ms/token | Transformer ms/token | DLA state (MB) | KV cache (MB) |\n|---|---|---|---|---|")
+    print("| context | DLA ms/token | Transformer ms/token | gated delta ms/token | DLA / Transformer | "
+          "DLA / gated delta | DLA state (MB) | KV cache (MB) |\n|---|---|---|---|---|---|---|---|")
     for T in args.lengths:
-        d, t = by[(T, "dla")], by[(T, "transformer")]
-        print(f"| {T} | {1e3 * d['latency_s']:.2f} | {1e3 * t['latency_s']:.2f} | {d['state_bytes'] / 2**20:.1f} | "
-              f"{t['state_bytes'] / 2**20:.1f} |")
+        d, t, s = by[(T, "dla")], by[(T, "transformer")], by[(T, "gated_delta")]
+        print(f"| {T} | {1e3 * d['latency_s']:.2f} | {1e3 * t['latency_s']:.2f} | {1e3 * s['latency_s']:.2f} | "
+              f"{d['latency_s'] / t['latency_s']:.2f} | {d['latency_s'] / s['latency_s']:.2f} | "
+              f"{d['state_bytes'] / 2**20:.1f} | {t['state_bytes'] / 2**20:.1f} |")
     first, last = by[(args.lengths[0], "dla")], by[(args.lengths[-1], "dla")]
     print(f"DLA latency at {args.lengths[-1]} / at {args.lengths[0]}: {last['latency_s'] / first['latency_s']:.2f}")
     return 0
@@ -123,7 +150,7 @@ def main(argv=None):
 def plot(rows, meta, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, style in (("dla", "o-"), ("transformer", "s--")):
+    for name, style in (("dla", "o-"), ("transformer", "s--"), ("gated_delta", "^:")):
         sel = [r for r in rows if r["model"] == name]
         axes[0].plot([r["T"] for r in sel], [1e3 * r["latency_s"] for r in sel], style, label=name)
         axes[1].plot([r["T"] for r in sel], [r["state_bytes"] / 2**20 for r in sel], style, label=name)
