@@ -6,6 +6,8 @@ reference for one token, and ``impl="metal"`` end to end (decode, prefill, then 
 ``dla`` runs with a threshold per head under which the heads open at clearly different rates.
 """
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ import pytest
 import dla_mlx
 from dla_mlx.ops import metal
 from dla_mlx.ops.attention import empty_state
-from dla_shared import DLAState
+from dla_shared import DLAState, policy
+from dla_shared.config import MERGES, SCORES
 from dla_shared.scan import scan_numpy as shared_scan  # the loop the kernels mirror
 
 from helpers import (
@@ -170,3 +173,15 @@ def test_harness_refuses_what_it_cannot_emulate():
                                  mx.array([True]), empty_state(1, 1, 4, 4, 4), 1.0)
     with pytest.raises(NotImplementedError, match="quadgroup"):
         translate(launch, "", "uint q = quadgroup_index_in_threadgroup;")
+
+
+def test_the_headers_enums_are_the_policy_table():
+    """dla_common.h's enums repeat `dla_shared.policy`'s kernel ids (the Triton kernels read the table itself),
+    and the table names every choice of the config."""
+    enums = " ".join(re.findall(r"enum \{([^}]*)\}", metal.source(metal.HEADER)))
+    header = {}
+    for kind, name, value in re.findall(r"\b(POLICY|MERGE|SCORE)_(\w+) = (\d+)", enums):
+        header.setdefault(kind, {})[name.lower()] = int(value)
+    assert header == {"POLICY": policy.POLICY_IDS, "MERGE": policy.MERGE_IDS, "SCORE": policy.SCORE_IDS}
+    assert (set(policy.POLICY_IDS), set(policy.MERGE_IDS), set(policy.SCORE_IDS)) == \
+        (set(POLICIES), set(MERGES), set(SCORES))

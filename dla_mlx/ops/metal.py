@@ -24,8 +24,6 @@ from dla_shared.state import DLAState
 
 from .chunk import dla_chunk
 
-MERGE_IDS = {"oldest": 0, "density": 1}
-SCORE_IDS = {"token_drift": 0, "state_drift": 1}
 HEADER = "dla_common.h"
 NAMES = {  # kernel: (input names, output names)
     "dla_decode": (["q", "k", "v", "g", "beta", "lam", "S_in", "n_in", "ibar_in", "opened_in", "pos", "active",
@@ -104,8 +102,8 @@ def _thresholds(config, H):
 
 def _template(config, Dk, Dv, L, H, nsg, delta):
     return [("Dk", Dk), ("Dv", Dv), ("L", L), ("H", H), ("NSG", nsg),
-            ("POLICY", policy.POLICY_IDS[config.policy]), ("MERGE", MERGE_IDS[config.merge]),
-            ("SCORE", SCORE_IDS[config.score]), ("DELTA", delta)]
+            ("POLICY", policy.POLICY_IDS[config.policy]), ("MERGE", policy.MERGE_IDS[config.merge]),
+            ("SCORE", policy.SCORE_IDS[config.score]), ("DELTA", delta)]
 
 
 def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):

@@ -29,6 +29,36 @@ def _unit_lower_inverse(Tm, rc, C: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(q, k, v, g, lam, sigma, i_bh, i_b, i_h, c, T, H, rc, rk, rv, rl,
+                L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """What both kernels read and derive of chunk c of one (row, head): the token rows, their mask and the
+    chunk's last token; q, k [C, BK] and v [C, BV]; log gamma_end, gamma, gamma_j / gamma_s (causal) and
+    gamma_end / gamma_s (0 past the sequence end); q.k; from sigma the slot of each token (tok [C, C], -1 before
+    it is written) and of each carried state (car [C, BL]), and the read weights of both."""
+    rows = c * C + rc
+    mt = rows < T
+    last = tl.minimum(C, T - c * C) - 1  # the chunk's last token
+    tok_rows = (i_b * T + rows) * H + i_h
+    mtk = mt[:, None] & (rk < DK)[None, :]
+    qc = tl.load(q + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
+    kc = tl.load(k + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
+    vc = tl.load(v + tok_rows[:, None] * DV + rv[None, :], mask=mt[:, None] & (rv < DV)[None, :], other=0)
+    lc = tl.load(lam + tok_rows[:, None] * L + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0)
+    cum = tl.cumsum(tl.load(g + tok_rows, mask=mt, other=0), axis=0)  # log gamma
+    end = tl.sum(tl.where(rc == last, cum, 0), axis=0)
+    gamma = tl.exp(cum)
+    ratio = tl.where(rc[:, None] >= rc[None, :], tl.exp(cum[:, None] - cum[None, :]), 0)
+    to_end = tl.where(mt, tl.exp(end - cum), 0)
+    qk = tl.dot(qc, tl.trans(kc))
+    sig = sigma + (i_bh * T + rows[:, None]) * (L + C)
+    tok = tl.load(sig + L + rc[None, :], mask=mt[:, None], other=-1).to(tl.int32)  # [C, C]
+    car = tl.load(sig + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0).to(tl.int32)  # [C, BL]
+    lam_tok = tl.where(tok >= 0, tl.gather(lc, tl.maximum(tok, 0), axis=1), 0)
+    lam_car = tl.gather(lc, car, axis=1)
+    return tok_rows, mt, last, qc, kc, vc, end, gamma, ratio, to_end, qk, tok, car, lam_tok, lam_car
+
+
+@triton.jit
 def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
                      L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr, STORE: tl.constexpr):
@@ -40,22 +70,9 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
     m2 = mk[:, None] & mv[None, :]
     state = rk[:, None] * DV + rv[None, :]  # offsets of one state's [BK, BV] tile
     size = L * DK * DV
-    causal = rc[:, None] >= rc[None, :]
     for c in range(0, tl.cdiv(T, C)):
-        rows = c * C + rc
-        mt = rows < T
-        last = tl.minimum(C, T - c * C) - 1  # the chunk's last token
-        tok_rows = (i_b * T + rows) * H + i_h
-        qc = tl.load(q + tok_rows[:, None] * DK + rk[None, :], mask=mt[:, None] & mk[None, :], other=0)
-        kc = tl.load(k + tok_rows[:, None] * DK + rk[None, :], mask=mt[:, None] & mk[None, :], other=0)
-        vc = tl.load(v + tok_rows[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0)
-        lc = tl.load(lam + tok_rows[:, None] * L + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0)
-        cum = tl.cumsum(tl.load(g + tok_rows, mask=mt, other=0), axis=0)  # log gamma
-        end = tl.sum(tl.where(rc == last, cum, 0), axis=0)
-        gamma = tl.exp(cum)
-        ratio = tl.where(causal, tl.exp(cum[:, None] - cum[None, :]), 0)  # gamma_j / gamma_s
-        to_end = tl.exp(end - cum)
-        qk = tl.dot(qc, tl.trans(kc))
+        tok_rows, mt, last, qc, kc, vc, end, gamma, ratio, to_end, qk, tok, car, lam_tok, lam_car = _load_chunk(
+            q, k, v, g, lam, sigma, i_bh, i_b, i_h, c, T, H, rc, rk, rv, rl, L, C, DK, DV)
         if DELTA:
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
             Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * tl.dot(kc, tl.trans(kc)), 0)
@@ -67,11 +84,6 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
             A = ratio * qk
             q_start = gamma[:, None] * qc
             kappa = to_end[:, None] * kc
-        sig = sigma + (i_bh * T + rows[:, None]) * (L + C)
-        tok = tl.load(sig + L + rc[None, :], mask=mt[:, None], other=-1).to(tl.int32)  # [C, C]
-        car = tl.load(sig + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0).to(tl.int32)  # [C, BL]
-        lam_tok = tl.where(tok >= 0, tl.gather(lc, tl.maximum(tok, 0), axis=1), 0)
-        lam_car = tl.gather(lc, car, axis=1)
         out = tl.dot((lam_tok * A).to(vc.dtype), vc)
         src = work + (i_bh * 2 + c % 2) * size
         dst = work + (i_bh * 2 + (c + 1) % 2) * size
@@ -138,26 +150,13 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
     m2 = mk[:, None] & mv[None, :]
     state = rk[:, None] * DV + rv[None, :]
     size = L * DK * DV
-    causal = rc[:, None] >= rc[None, :]
     NC = tl.cdiv(T, C)
     for back in range(0, NC):
         c = NC - 1 - back
-        rows = c * C + rc
-        mt = rows < T
-        last = tl.minimum(C, T - c * C) - 1
-        tok_rows = (i_b * T + rows) * H + i_h
+        tok_rows, mt, last, qc, kc, vc, end, gamma, ratio, to_end, qk, tok, car, lam_tok, lam_car = _load_chunk(
+            q, k, v, g, lam, sigma, i_bh, i_b, i_h, c, T, H, rc, rk, rv, rl, L, C, DK, DV)
         mtk, mtv = mt[:, None] & mk[None, :], mt[:, None] & mv[None, :]
-        qc = tl.load(q + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
-        kc = tl.load(k + tok_rows[:, None] * DK + rk[None, :], mask=mtk, other=0)
-        vc = tl.load(v + tok_rows[:, None] * DV + rv[None, :], mask=mtv, other=0)
         doc = scale * tl.load(do + tok_rows[:, None] * DV + rv[None, :], mask=mtv, other=0)
-        lc = tl.load(lam + tok_rows[:, None] * L + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0)
-        cum = tl.cumsum(tl.load(g + tok_rows, mask=mt, other=0), axis=0)
-        end = tl.sum(tl.where(rc == last, cum, 0), axis=0)
-        gamma = tl.exp(cum)
-        ratio = tl.where(causal, tl.exp(cum[:, None] - cum[None, :]), 0)
-        to_end = tl.where(mt, tl.exp(end - cum), 0)
-        qk = tl.dot(qc, tl.trans(kc))
         if DELTA:  # recompute the forward's A, q~, kappa and P_end
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
             kk = tl.dot(kc, tl.trans(kc))
@@ -175,11 +174,6 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
             A = ratio * qk
             q_start = gamma[:, None] * qc
             kappa = to_end[:, None] * kc
-        sig = sigma + (i_bh * T + rows[:, None]) * (L + C)
-        tok = tl.load(sig + L + rc[None, :], mask=mt[:, None], other=-1).to(tl.int32)
-        car = tl.load(sig + rl[None, :], mask=mt[:, None] & (rl[None, :] < L), other=0).to(tl.int32)
-        lam_tok = tl.where(tok >= 0, tl.gather(lc, tl.maximum(tok, 0), axis=1), 0)
-        lam_car = tl.gather(lc, car, axis=1)
         # Inside the chunk: o += (Lambda * A) v.
         dov = tl.dot(doc, tl.trans(vc))  # dO_t . v_s
         dA = lam_tok * dov

@@ -4,7 +4,8 @@ One program per (row, head) walks the whole sequence, carrying only the newest s
 cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `dla_torch.ops.chunk.scan`). Each
 head compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
 `dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
-tracked slot through one-hot comparisons instead of scatters.
+tracked slot through one-hot comparisons instead of scatters. `_score` and `_plan` mirror dla_common.h's
+``dla_score`` and ``dla_plan``, the Metal kernels' score and decisions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from dla_shared import policy
 from dla_shared.config import DLAConfig
 from dla_shared.state import DLAState
 
+# The kernel ids of `dla_shared.policy`, as the constants a kernel may read (the names of dla_common.h's enums).
+POLICY_SINGLE = tl.constexpr(policy.POLICY_IDS["single"])
+POLICY_FENWICK = tl.constexpr(policy.POLICY_IDS["fenwick"])
+POLICY_FIXED = tl.constexpr(policy.POLICY_IDS["fixed"])
+MERGE_DENSITY = tl.constexpr(policy.MERGE_IDS["density"])
+SCORE_TOKEN_DRIFT = tl.constexpr(policy.SCORE_IDS["token_drift"])
+
 
 @triton.jit
 def _move(x, dest, slots, BL: tl.constexpr):
@@ -26,11 +34,70 @@ def _move(x, dest, slots, BL: tl.constexpr):
 
 
 @triton.jit
+def _score(state_sq, token_sq, cross, size, eps, SCORE: tl.constexpr):
+    """Eq. 13 from ||S~||^2, ||s_t||^2 and <S~, s_t>, size = Dk * Dv: dla_common.h's dla_score
+    (`dla_shared.policy.score_from_terms`)."""
+    r_state = 1.0 / tl.sqrt(state_sq / size + eps)
+    if SCORE == SCORE_TOKEN_DRIFT:
+        other_sq = token_sq
+        other_cross = cross
+    else:
+        other_sq = state_sq + token_sq + 2 * cross
+        other_cross = state_sq + cross
+    r_other = 1.0 / tl.sqrt(other_sq / size + eps)
+    dist_sq = r_other * r_other * other_sq + r_state * r_state * state_sq - 2 * r_other * r_state * other_cross
+    return tl.sqrt(tl.maximum(dist_sq, 0.0)) / (r_state * tl.sqrt(state_sq) + eps)
+
+
+@triton.jit
+def _plan(n, ibar, pos, score, on, threshold, rl, L: tl.constexpr, BL: tl.constexpr, POLICY: tl.constexpr,
+          MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One token's decisions for one cache, dla_common.h's dla_plan (`dla_shared.policy.plan`) with vectors over
+    the slots ``rl``: (dest, n, ibar, opened), dest[j] the new slot of old slot j, n and ibar the bookkeeping
+    after the token (unchanged where not ``on``), opened whether it opens a state where ``on``."""
+    empty = tl.sum(n, axis=0) == 0
+    score = tl.where(empty, 0.0, score)  # the first token opens the first state with I = 0
+    dest = rl
+    if POLICY == POLICY_SINGLE:
+        opened = empty
+    elif POLICY == POLICY_FENWICK:  # levels 0..j fold into j + 1, j = trailing ones of pos - 1
+        below = (tl.full([BL], 1, tl.int64) << tl.minimum(rl + 1, 62).to(tl.int64)) - 1
+        j = tl.sum(((pos.to(tl.int64) & below) == 0).to(tl.int32), axis=0)
+        dest = tl.where(empty, rl, tl.where(rl <= j, j + 1, rl))
+        opened = pos >= 0
+    else:
+        if POLICY == POLICY_FIXED:
+            opens = (pos % BLOCK_SIZE) == 0
+        else:
+            opens = score.to(tl.float64) >= threshold
+        opened = empty | opens
+        # Full: merge the pair (p, p + 1) first, then everything moves one slot older.
+        m = tl.sum((n > 0).to(tl.int32), axis=0)
+        if MERGE == MERGE_DENSITY:
+            nxt_n = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, n[None, :], 0), axis=1)
+            nxt_i = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, ibar[None, :], 0), axis=1)
+            valid = rl < m - 1
+            density = tl.where(valid, (ibar + nxt_i) / tl.maximum(n + nxt_n, 1).to(ibar.dtype), float("inf"))
+            least = tl.min(density, axis=0)
+            p = tl.max(tl.where(valid & (density == least), rl, -1), axis=0)  # ties: the oldest pair
+        else:
+            p = m - 2
+        merged = tl.where((m == L) & (rl > p), rl - 1, rl)
+        dest = tl.where(opens & ~empty, tl.minimum(merged + 1, L - 1), rl)
+    dest = tl.where(on, dest, rl)
+    n = _move(n, dest, rl, BL)
+    ibar = _move(ibar, dest, rl, BL)
+    n = tl.where(on & (rl == 0), n + 1, n)
+    ibar = tl.where(on & (rl == 0), ibar + score, ibar)
+    return dest, n, ibar, opened
+
+
+@triton.jit
 def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0, sigma, n_out, ibar_out, pos_out,
                 opened_out, T, H, eps,
                 L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr,
-                POLICY: tl.constexpr, STATE_DRIFT: tl.constexpr, OLDEST: tl.constexpr,
+                POLICY: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, DELTA: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -43,7 +110,6 @@ def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0,
     pos = tl.load(pos0 + i_b)
     count = tl.load(opened0 + i_bh)
     threshold = tl.load(thresholds + i_h)
-    size = DK * DV
     slot_of = tl.where(rs < L, rs, -1)
     for t in range(0, T):
         j_chunk = t % C
@@ -61,55 +127,11 @@ def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0,
             token = bt * token
         else:
             S_new = decay * X
-        # The three scalars of the score (dla_shared.policy.score_from_terms).
         state_sq = tl.sum(tl.sum(S_new * S_new, axis=1), axis=0)
         token_sq = tl.sum(tl.sum(token * token, axis=1), axis=0)
         cross = tl.sum(tl.sum(S_new * token, axis=1), axis=0)
-        r_state = 1.0 / tl.sqrt(state_sq / size + eps)
-        if STATE_DRIFT:
-            other_sq = state_sq + token_sq + 2 * cross
-            other_cross = state_sq + cross
-        else:
-            other_sq = token_sq
-            other_cross = cross
-        r_other = 1.0 / tl.sqrt(other_sq / size + eps)
-        dist_sq = r_other * r_other * other_sq + r_state * r_state * state_sq - 2 * r_other * r_state * other_cross
-        score = tl.sqrt(tl.maximum(dist_sq, 0.0)) / (r_state * tl.sqrt(state_sq) + eps)
-        # The policy (dla_shared.policy.step): dest[j] is the new slot of old slot j.
-        empty = tl.sum(n, axis=0) == 0
-        score = tl.where(empty, 0.0, score)
-        m = tl.sum((n > 0).to(tl.int32), axis=0)
-        dest = rl
-        if POLICY == 0:
-            opened = empty
-        elif POLICY == 1:  # fenwick: levels 0..j fold into j + 1, j = trailing ones of pos - 1
-            below = (tl.full([BL], 1, tl.int64) << tl.minimum(rl + 1, 62).to(tl.int64)) - 1
-            j = tl.sum(((pos.to(tl.int64) & below) == 0).to(tl.int32), axis=0)
-            dest = tl.where(empty, rl, tl.where(rl <= j, j + 1, rl))
-            opened = pos >= 0
-        else:
-            if POLICY == 2:
-                opens = (pos % BLOCK_SIZE) == 0
-            else:
-                opens = score.to(tl.float64) >= threshold
-            opened = empty | opens
-            # Full: merge the pair (p, p + 1) first, then everything moves one slot older.
-            nxt_n = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, n[None, :], 0), axis=1)
-            nxt_i = tl.sum(tl.where(rl[None, :] == rl[:, None] + 1, ibar[None, :], 0), axis=1)
-            valid = rl < m - 1
-            if OLDEST:
-                p = m - 2
-            else:
-                density = tl.where(valid, (ibar + nxt_i) / tl.maximum(n + nxt_n, 1).to(ibar.dtype), float("inf"))
-                least = tl.min(density, axis=0)
-                p = tl.max(tl.where(valid & (density == least), rl, -1), axis=0)  # ties: the oldest pair
-            merged = tl.where((m == L) & (rl > p), rl - 1, rl)
-            dest = tl.where(opens & ~empty, tl.minimum(merged + 1, L - 1), rl)
-        dest = tl.where(on, dest, rl)
-        n = _move(n, dest, rl, BL)
-        ibar = _move(ibar, dest, rl, BL)
-        n = tl.where(on & (rl == 0), n + 1, n)
-        ibar = tl.where(on & (rl == 0), ibar + score, ibar)
+        score = _score(state_sq, token_sq, cross, DK * DV, eps, SCORE)
+        dest, n, ibar, opened = _plan(n, ibar, pos, score, on, threshold, rl, L, BL, POLICY, MERGE, BLOCK_SIZE)
         moved = tl.sum(tl.where(slot_of[:, None] == rl[None, :], dest[None, :], 0), axis=1)
         slot_of = tl.where(slot_of >= 0, moved, -1)
         slot_of = tl.where(on & (rs == L + j_chunk), 0, slot_of)
@@ -144,7 +166,7 @@ def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
         sigma, n, ibar, pos, opened, T, H, float(config.eps),
         L=L, C=chunk_size, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=triton.next_power_of_2(Dv),
         BL=triton.next_power_of_2(L), BS=triton.next_power_of_2(L + chunk_size),
-        POLICY=policy.POLICY_IDS[config.policy], STATE_DRIFT=config.score == "state_drift",
-        OLDEST=config.merge == "oldest", BLOCK_SIZE=config.block_size, DELTA=beta is not None,
+        POLICY=policy.POLICY_IDS[config.policy], SCORE=policy.SCORE_IDS[config.score],
+        MERGE=policy.MERGE_IDS[config.merge], BLOCK_SIZE=config.block_size, DELTA=beta is not None,
     )
     return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long(), opened.cpu().long())
