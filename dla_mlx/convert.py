@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import shutil
 import sys
 import tempfile
@@ -87,6 +86,7 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
         model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=model.quant_predicate)
     mx.eval(model.parameters())
     config["model_file"] = MODEL_FILE
+    config.pop("auto_map", None)  # the torch folders' remote code (modeling_dla.py) stays with them
     with output_folder(out, folder, force) as tmp:
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
@@ -97,9 +97,12 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
 
 def mlx_to_torch(source, out, force=False):
     """A checkpoint in the MLX (or already torch) layout to the torch layout (unquantized models only),
-    written all or nothing as `torch_to_mlx` writes."""
+    written all or nothing as `torch_to_mlx` writes; its config.json and remote code as the torch model's
+    ``save_pretrained`` writes them (transformers loads it with ``trust_remote_code``)."""
     import torch
     from safetensors.torch import save_file
+
+    from dla_torch.models.hub import model_types
 
     folder = resolve(source)
     config = read_config(folder)
@@ -116,7 +119,7 @@ def mlx_to_torch(source, out, force=False):
     with output_folder(out, folder, force) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         config.pop("model_file", None)  # mlx-lm's loader module stays with the MLX folders
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # mlx-lm's float tags undone
+        model_types()[config["model_type"]].config_class.from_dict(config).save_pretrained(tmp)
         copy_tokenizer(folder, tmp)
 
 

@@ -20,8 +20,8 @@ from .config import DLAConfig, mlp_size
 
 # Keys that Hugging Face tools and mlx-lm add to config.json (or, quantize_activations, to the config mlx-lm's
 # CLIs load); they carry no model structure.
-METADATA_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "model_file", "_name_or_path",
-                 "quantization", "quantization_config", "quantize_activations"}
+METADATA_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "model_file", "auto_map",
+                 "_name_or_path", "quantization", "quantization_config", "quantize_activations"}
 # Fields that are sizes (positive integers) or positive numbers, wherever a class has them.
 POSITIVE = {"vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "state_size", "expand",
             "n_groups", "conv_kernel", "conv_size", "intermediate_size", "mlp_intermediate_size", "expand_v",

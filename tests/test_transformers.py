@@ -2,7 +2,10 @@
 generate() against dla_torch.generate, lm-eval's ``hf`` model against the ``dla`` adapter, and never a pickle."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dla_shared import DLAConfig
 from dla_shared.hub import DEFAULT_MODEL, read_config
+from dla_torch.evaluate import load, score
 from dla_torch.generate import generate
 from dla_torch.models import (
     DLAGatedDeltaNetConfig,
@@ -60,7 +64,8 @@ def left_padded(rows):
 def test_auto_classes_load_a_saved_folder_with_identical_logits(kind, tmp_path):
     model = tiny(kind)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                           "modeling_dla.py"]
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is type(model.config) and config.to_dict() == model.config.to_dict()
     # config.json is the shared format: dla_shared's (and so MLX's) reader takes every key of it
@@ -81,6 +86,63 @@ def test_auto_classes_load_the_shipped_model():
     by_hand.load_state_dict(weights, strict=not by_hand.config.tie_word_embeddings)
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     assert torch.equal(model(ids).logits, by_hand.eval()(ids).logits)
+
+
+# Run in a fresh process: load each folder (argv) with the Auto classes and trust_remote_code, dla_torch not
+# imported first, and print, as the last line, each model's class and its 6 greedy tokens after the prompt (argv[1]).
+# Without the flag, transformers asks on stdout, reads no answer and refuses the folder.
+REMOTE_CODE_RUN = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+prompt, folders = torch.tensor([json.loads(sys.argv[1])]), sys.argv[2:]
+try:
+    AutoModelForCausalLM.from_pretrained(folders[0])
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as error:
+    assert "trust_remote_code" in str(error), error
+assert "dla_torch" not in sys.modules
+results = []
+for folder in folders:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)[0].tolist()
+    results.append([type(model).__module__, type(model).__name__, tokens])
+print("\\n" + json.dumps(results))
+"""
+
+
+@torch.no_grad()
+def test_a_process_without_dla_torch_loads_a_saved_folder_with_trust_remote_code(tmp_path):
+    """The folder's auto_map names its modeling_dla.py, which imports the installed package's classes."""
+    models = {kind: tiny(kind) for kind in KINDS}
+    for kind, model in models.items():
+        model.save_pretrained(tmp_path / kind)
+    prompt = [3, 14, 15, 9, 2, 6]
+    folders = [str(tmp_path / kind) for kind in KINDS]
+    run = subprocess.run([sys.executable, "-c", REMOTE_CODE_RUN, json.dumps(prompt), *folders],
+                         env={**os.environ, "HF_HOME": str(tmp_path / "hf")}, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = [[type(model).__module__, type(model).__name__,
+                 model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0].tolist()]
+                for model in models.values()]
+    assert json.loads(run.stdout.splitlines()[-1]) == expected
+
+
+def test_the_remote_code_stays_with_torch_folders(tmp_path):
+    """dla-convert: an MLX folder carries mlx-lm's model_file, not the torch auto_map; converted back to torch, the
+    folder has them again (config and modeling_dla.py as save_pretrained writes them)."""
+    from dla_mlx.convert import mlx_to_torch, torch_to_mlx
+
+    model = tiny("mamba2")
+    model.save_pretrained(tmp_path / "torch")
+    torch_to_mlx(tmp_path / "torch", tmp_path / "mlx")
+    assert "auto_map" not in read_config(tmp_path / "mlx") and not (tmp_path / "mlx" / "modeling_dla.py").exists()
+    mlx_to_torch(tmp_path / "mlx", tmp_path / "back")
+    back, saved = read_config(tmp_path / "back"), read_config(tmp_path / "torch")
+    assert back["auto_map"] == saved["auto_map"] and "model_file" not in back
+    assert (tmp_path / "back" / "modeling_dla.py").read_text() == (tmp_path / "torch" / "modeling_dla.py").read_text()
+    assert AutoConfig.from_pretrained(tmp_path / "back").to_dict() == model.config.to_dict()
 
 
 def test_a_bad_config_is_refused_naming_the_field():
@@ -120,12 +182,12 @@ def test_a_pickle_checkpoint_is_never_unpickled(with_safetensors, tmp_path, monk
     marker.unlink()
     calls = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
-    for load in (AutoModelForCausalLM.from_pretrained, from_pretrained):
+    for loader in (AutoModelForCausalLM.from_pretrained, from_pretrained):
         if with_safetensors:
-            assert torch.equal(load(folder).lm_head.weight, model.lm_head.weight)
+            assert torch.equal(loader(folder).lm_head.weight, model.lm_head.weight)
         else:
             with pytest.raises(FileNotFoundError, match=r"no model\*\.safetensors"):
-                load(folder)
+                loader(folder)
     with pytest.raises(ValueError, match=r"unsupported argument\(s\) \['use_safetensors'\]"):
         AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False)
     assert not marker.exists() and not calls
@@ -166,15 +228,59 @@ def test_sampling_follows_the_seed(kind):
 
 # -- lm-eval's hf model ---------------------------------------------------------------------------------
 
+CHOICES = [{"question": "the cache opens a", "choices": ["new", "pair"], "answer": 0},
+           {"question": "merges the pair of least", "choices": ["density", "state", "text"], "answer": 0},
+           {"question": "where the text", "choices": ["changes", "opens"], "answer": 1}]
+TEXTS = ["the text changes and the cache opens a new state", "merges the pair"]
+# Local tasks (lm-eval reads their documents through datasets' json loader): multiple choice, whose
+# loglikelihood requests join question and choice with a space, and loglikelihood_rolling over whole texts.
+TASKS = {"dla_tiny_choice": """
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list: [{metric: acc}]
+""", "dla_tiny_rolling": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}]
+"""}
+
+
 @pytest.fixture(scope="module")
 def eval_folder(tmp_path_factory):
-    """A tiny Gated DeltaNet saved with a tokenizer."""
+    """A tiny Gated DeltaNet saved with a tokenizer (``model``), and the local tasks (``tasks``)."""
     folder = tmp_path_factory.mktemp("hf_eval")
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(200)]
     tokenizer = make_tokenizer(folder / "tok", docs)
     save_pretrained(tiny("gdn", tokenizer.get_vocab_size()), folder / "model", tokenizer_dir=folder / "tok")
-    return folder / "model"
+    (folder / "tasks").mkdir()
+    (folder / "choice.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in CHOICES))
+    (folder / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    for (name, body), data in zip(TASKS.items(), ["choice.jsonl", "texts.jsonl"]):
+        (folder / "tasks" / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {folder / data}}}}}\n"
+            f"test_split: test\n{body}")
+    return folder
+
+
+def reference(folder):
+    """loglikelihood(context, continuation) and rolling(text) as lm-eval defines them, computed with
+    dla_torch.evaluate.score in windows of 8 tokens: an empty context, and a rolling text's context, is the
+    end-of-document token (the tokenizer has no beginning-of-sequence token)."""
+    model, tokenizer, eos = load(folder)
+
+    def loglikelihood(context, continuation):
+        prefix = tokenizer.encode(context).ids if context else [eos]
+        whole = tokenizer.encode(context + continuation).ids if context else prefix + tokenizer.encode(continuation).ids
+        return float(score(model, [whole], [len(prefix)], seq_len=8)[0][0])
+
+    def rolling(text):
+        return float(score(model, [[eos] + tokenizer.encode(text).ids], [1], seq_len=8)[0][0])
+
+    return loglikelihood, rolling
 
 
 def requests(kind, *arguments):
@@ -184,28 +290,50 @@ def requests(kind, *arguments):
 
 
 def test_lm_eval_hf_model_gives_the_adapters_loglikelihoods(eval_folder):
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (lm-eval[hf])")
+    """In this process (dla_torch imported: no trust_remote_code needed)."""
     from lm_eval.models.huggingface import HFLM
 
     from dla_torch.lm_eval_adapter import DLALM
 
-    pairs = [("the cache opens a new state where the text changes and", " merges the pair"),
-             ("the cache", " opens"), ("merges the pair of least", " density")]
-    hf = HFLM(pretrained=str(eval_folder), device="cpu", batch_size=2)
+    pairs = [(doc["question"], f" {choice}") for doc in CHOICES for choice in doc["choices"]] + [("", "the cache")]
+    hf = HFLM(pretrained=str(eval_folder / "model"), device="cpu", batch_size=2)
     assert type(hf.model) is DLAGatedDeltaNetForCausalLM
-    ours = DLALM(pretrained=str(eval_folder), batch_size=2, device="cpu", seq_len=8)
+    ours = DLALM(pretrained=str(eval_folder / "model"), batch_size=2, device="cpu", seq_len=8)
+    loglikelihood, rolling = reference(eval_folder / "model")
     got = hf.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
     expected = ours.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
-    for (logprob, greedy), (want, want_greedy) in zip(got, expected):
-        assert logprob == pytest.approx(want, rel=1e-5) and greedy == want_greedy and logprob < 0
-    text = [("the text changes and the cache opens a new state",)]
-    rolling = hf.loglikelihood_rolling(requests("loglikelihood_rolling", *text), disable_tqdm=True)
-    assert rolling == pytest.approx(ours.loglikelihood_rolling(requests("loglikelihood_rolling", *text),
-                                                               disable_tqdm=True), rel=1e-5)
+    for pair, (logprob, greedy), (want, want_greedy) in zip(pairs, got, expected):
+        assert logprob == pytest.approx(want, rel=1e-5) == pytest.approx(loglikelihood(*pair), rel=1e-5)
+        assert greedy == want_greedy and logprob < 0
+    texts = [(text,) for text in TEXTS]
+    got = hf.loglikelihood_rolling(requests("loglikelihood_rolling", *texts), disable_tqdm=True)
+    assert got == pytest.approx(ours.loglikelihood_rolling(requests("loglikelihood_rolling", *texts),
+                                                           disable_tqdm=True), rel=1e-5)
+    assert got == pytest.approx([rolling(text) for text in TEXTS], rel=1e-5)
     until = [("the cache opens a new state where", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
     assert hf.generate_until(requests("generate_until", *until), disable_tqdm=True) == \
         ours.generate_until(requests("generate_until", *until), disable_tqdm=True)
+
+
+def test_lm_eval_command_line_evaluates_a_saved_folder(eval_folder, tmp_path):
+    """README's command, in a process that has not imported dla_torch (the folder's auto_map brings it), offline:
+    the log-likelihoods it logs are the ones computed here."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={eval_folder / 'model'},trust_remote_code=True", "--tasks", ",".join(TASKS),
+               "--include_path", str(eval_folder / "tasks"), "--device", "cpu", "--batch_size", "2",
+               "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = {name: sorted((json.loads(line) for line in next(out.rglob(f"samples_{name}_*.jsonl")).open()),
+                            key=lambda sample: sample["doc_id"]) for name in TASKS}
+    loglikelihood, rolling = reference(eval_folder / "model")
+    choices = [[float(logprob) for logprob, _ in sample["filtered_resps"]] for sample in samples["dla_tiny_choice"]]
+    assert choices == [pytest.approx([loglikelihood(doc["question"], f" {c}") for c in doc["choices"]], rel=1e-5)
+                       for doc in CHOICES]
+    assert [float(sample["filtered_resps"][0]) for sample in samples["dla_tiny_rolling"]] == \
+        pytest.approx([rolling(text) for text in TEXTS], rel=1e-5)
 
 
 def test_saved_config_json_keeps_the_shared_keys_only(tmp_path):
@@ -214,5 +342,7 @@ def test_saved_config_json_keeps_the_shared_keys_only(tmp_path):
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     extra = set(written) - set(model.config.to_dict())
-    assert extra == {"architectures", "dtype", "transformers_version"}, extra
+    assert extra == {"architectures", "auto_map", "dtype", "transformers_version"}, extra
     assert written["architectures"] == ["DLAMamba2ForCausalLM"]
+    assert written["auto_map"] == {"AutoConfig": "modeling_dla.DLAMamba2Config",
+                                   "AutoModelForCausalLM": "modeling_dla.DLAMamba2ForCausalLM"}

@@ -188,6 +188,10 @@ class CausalLM(PreTrainedModel, GenerationMixin):
     activation_checkpointing = False  # in training, recompute each layer in the backward pass
 
     @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing to register: as the config's (`DLAPretrainedConfig.register_for_auto_class`)."""
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own cache (`make_cache`), not transformers' DynamicCache
 
@@ -221,7 +225,8 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         """A checkpoint folder or Hub id (checked against its manifest, `dla_shared.hub.resolve`), read from its
         safetensors only (a pickle file is never opened): the model in eval mode. ``dtype`` (a torch dtype, its
         name, or "auto"/None: as saved) and ``device_map`` (one device) as transformers takes them; its other
-        loading options are refused when set (``use_safetensors=False`` too)."""
+        loading options are refused when set (``use_safetensors=False`` too). Through a folder's auto_map
+        (``trust_remote_code``) this is the same method."""
         from .hub import load_checkpoint
 
         refused = sorted(k for k, v in kwargs.items() if k not in TRANSFORMERS_IGNORED and v not in (None, "", "main")
@@ -229,6 +234,8 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         if args or refused:
             raise ValueError(f"{cls.__name__}.from_pretrained: unsupported argument(s) {refused or list(args)}; "
                              "DLA checkpoints load whole, from safetensors, with dtype and device_map")
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device_map = device_map[""]  # the whole model on one device, as lm-eval's hf model asks for it
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
             raise ValueError(f"device_map must be one device, got {device_map!r}")
         model = load_checkpoint(pretrained_model_name_or_path, cls)
