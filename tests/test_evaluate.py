@@ -1,5 +1,5 @@
-"""Evaluation: perplexity and dla-eval against cross-entropy computed here, and the lm-eval adapter against
-log-softmax computed here, down to an lm_eval.simple_evaluate run of a local task."""
+"""Evaluation: perplexity and dla-eval against cross-entropy computed here. (lm-eval runs the models through its
+own ``hf`` model: tests/test_transformers.py.)"""
 
 import json
 import math
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dla_shared import DLAConfig
-from dla_torch.evaluate import load, main, perplexity, score
-from dla_torch.generate import generate
+from dla_torch.evaluate import load, main, perplexity
 from dla_torch.models import (
     DLAGatedDeltaNetConfig,
     DLAGatedDeltaNetForCausalLM,
@@ -57,28 +56,12 @@ def loaded(checkpoint):
     return load(checkpoint / "model")[:2]
 
 
-@pytest.fixture(scope="module")
-def lm(checkpoint):
-    """The adapter, with windows of 8 tokens so that every request crosses window boundaries."""
-    pytest.importorskip("lm_eval")
-    from dla_torch.lm_eval_adapter import DLALM
-
-    return DLALM(pretrained=str(checkpoint / "model"), batch_size=2, device="cpu", seq_len=8)
-
-
 def documents(checkpoint):
     return [json.loads(line)["text"] for line in (checkpoint / "docs.jsonl").read_text().splitlines()]
 
 
 def eos(tokenizer):
     return tokenizer.token_to_id("<|endoftext|>")
-
-
-@torch.no_grad()
-def logprobs(model, ids):
-    """log p(ids[j] | ids[:j]) for j = 1 .. len - 1, from one forward pass over the whole sequence: [len - 1]."""
-    ids = torch.tensor(ids)
-    return torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
 
 
 # -- perplexity -------------------------------------------------------------------------------------------
@@ -175,116 +158,3 @@ def test_dla_eval_names_the_bad_argument(args, message, checkpoint, tmp_path, ca
         main([a.replace("{tmp}", str(tmp_path)) for pair in argv.items() for a in pair])
     assert exit.value.code == 2
     assert re.search(message.replace("{tmp}", re.escape(str(tmp_path))), capsys.readouterr().err)
-
-
-# -- the lm-eval adapter ----------------------------------------------------------------------------------
-
-def requests(kind, *arguments):
-    from lm_eval.api.instance import Instance
-
-    return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(arguments)]
-
-
-def test_loglikelihood_is_a_sum_of_log_softmax(lm):
-    tok, model = lm.text_tokenizer, lm.model
-    pairs = [("the cache opens a new state where the text changes and", " merges the pair"),
-             ("the cache", " opens"), ("", "the density of least pair")]
-    results = lm.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
-    for (context, continuation), (logprob, greedy) in zip(pairs, results):
-        if context:
-            prefix, whole = tok.encode(context).ids, tok.encode(context + continuation).ids
-        else:  # an empty context is the end-of-document token
-            prefix = [eos(tok)]
-            whole = prefix + tok.encode(continuation).ids
-        assert whole[: len(prefix)] == prefix
-        expected = logprobs(model, whole)[len(prefix) - 1 :]
-        assert logprob == pytest.approx(expected.sum().item(), rel=1e-5), (context, continuation)
-        assert logprob < 0 and len(whole) - len(prefix) == len(expected) >= 1
-
-
-@torch.no_grad()
-def test_loglikelihood_is_greedy_exactly_when_every_token_is_the_argmax(lm):
-    context = lm.tok_encode("the text changes and the cache")
-    picked = []
-    for _ in range(3):  # the model's own greedy continuation, token by token
-        picked.append(int(lm.model(torch.tensor([context + picked])).logits[0, -1].argmax()))
-    other = (picked[-1] + 1) % lm.text_tokenizer.get_vocab_size()
-    results = lm._loglikelihood_tokens([(("", ""), context, picked), (("", ""), context, picked[:-1] + [other])],
-                                       disable_tqdm=True)
-    assert [greedy for _, greedy in results] == [True, False]
-
-
-def test_loglikelihood_rolling_scores_every_token_after_the_end_of_document_token(checkpoint, lm):
-    texts = documents(checkpoint)[:2]
-    results = lm.loglikelihood_rolling(requests("loglikelihood_rolling", *[(t,) for t in texts]), disable_tqdm=True)
-    for text, result in zip(texts, results):
-        ids = [eos(lm.text_tokenizer)] + lm.tok_encode(text)
-        assert result == pytest.approx(logprobs(lm.model, ids).sum().item(), rel=1e-5)
-        # dla_torch.evaluate.score, which perplexity() uses, gives the same in one window (seq_len 512).
-        assert result == pytest.approx(float(score(lm.model, [ids], [1])[0][0]), rel=1e-6)
-
-
-def test_generate_until_is_greedy_and_stops_at_the_until_string(lm):
-    contexts = ["the cache opens a new state where", "the"]
-    free = lm.generate_until(requests("generate_until", *[(c, {"until": [], "max_gen_toks": 12}) for c in contexts]),
-                             disable_tqdm=True)
-    for context, text in zip(contexts, free):  # left-padded batch == dla_torch.generate on each prompt alone
-        ids = torch.tensor([lm.tok_encode(context)])
-        eos_id = eos(lm.text_tokenizer)
-        new = generate(lm.model, ids, 12, eos_id=eos_id)[0, ids.shape[1] :].tolist()
-        assert text == lm.tok_decode(new[: new.index(eos_id)] if eos_id in new else new)
-    text = free[0]  # stop at two letters that first appear after the text's start
-    at = next(p for p in range(1, len(text) - 1) if text[p : p + 2].isalpha() and text.find(text[p : p + 2]) == p)
-    cut = lm.generate_until(requests("generate_until", (contexts[0], {"until": ["<none>", text[at : at + 2]],
-                                                                      "max_gen_toks": 12})), disable_tqdm=True)
-    assert cut == [text[:at]]
-    with pytest.raises(ValueError, match="unsupported generation argument"):
-        lm.generate_until(requests("generate_until", (contexts[0], {"num_beams": 2})), disable_tqdm=True)
-
-
-TASK = """
-task: dla_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-"""
-
-
-def test_simple_evaluate_runs_a_local_task(checkpoint, lm, tmp_path, monkeypatch):
-    import datasets
-    import huggingface_hub
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # both read the variables when imported
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    docs = [{"question": "the cache opens a", "choices": ["new", "pair"], "answer": 0},
-            {"question": "merges the pair of least", "choices": ["density", "state", "text"], "answer": 0},
-            {"question": "where the text", "choices": ["changes", "opens"], "answer": 1},
-            {"question": "the", "choices": ["cache", "least"], "answer": 1}]
-    (tmp_path / "docs.jsonl").write_text("\n".join(map(json.dumps, docs)) + "\n")
-    (tmp_path / "task.yaml").write_text(TASK.format(data=tmp_path / "docs.jsonl", cache=tmp_path / "cache"))
-
-    results = lm_eval.simple_evaluate(model="dla", model_args=f"pretrained={checkpoint / 'model'},seq_len=8",
-                                      tasks=["dla_tiny_choice"], batch_size=2, device="cpu", bootstrap_iters=0,
-                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    right = []
-    for doc in docs:  # lm_eval puts a space between the question and each choice
-        context = lm.tok_encode(doc["question"])
-        scores = [logprobs(lm.model, lm.tok_encode(f"{doc['question']} {c}"))[len(context) - 1 :].sum()
-                  for c in doc["choices"]]
-        right.append(int(torch.stack(scores).argmax()) == doc["answer"])
-    assert results["results"]["dla_tiny_choice"]["acc,none"] == pytest.approx(sum(right) / len(docs))

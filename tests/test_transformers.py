@@ -1,5 +1,6 @@
 """The torch models through transformers: AutoConfig / AutoModelForCausalLM, save_pretrained / from_pretrained,
-generate() against dla_torch.generate, lm-eval's ``hf`` model against the ``dla`` adapter, and never a pickle."""
+generate() against dla_torch.generate, lm-eval's ``hf`` model (in this process and its command line on a folder's
+remote code) against log-likelihoods computed here, dla-convert and the remote code, and never a pickle."""
 
 import json
 import os
@@ -267,15 +268,16 @@ def eval_folder(tmp_path_factory):
 
 
 def reference(folder):
-    """loglikelihood(context, continuation) and rolling(text) as lm-eval defines them, computed with
-    dla_torch.evaluate.score in windows of 8 tokens: an empty context, and a rolling text's context, is the
-    end-of-document token (the tokenizer has no beginning-of-sequence token)."""
+    """loglikelihood(context, continuation) -> (logprob, greedy) and rolling(text) -> logprob as lm-eval defines
+    them, computed with dla_torch.evaluate.score in windows of 8 tokens: an empty context, and a rolling text's
+    context, is the end-of-document token (the tokenizer has no beginning-of-sequence token)."""
     model, tokenizer, eos = load(folder)
 
     def loglikelihood(context, continuation):
         prefix = tokenizer.encode(context).ids if context else [eos]
         whole = tokenizer.encode(context + continuation).ids if context else prefix + tokenizer.encode(continuation).ids
-        return float(score(model, [whole], [len(prefix)], seq_len=8)[0][0])
+        logprob, greedy = score(model, [whole], [len(prefix)], seq_len=8)
+        return float(logprob[0]), bool(greedy[0])
 
     def rolling(text):
         return float(score(model, [[eos] + tokenizer.encode(text).ids], [1], seq_len=8)[0][0])
@@ -289,30 +291,29 @@ def requests(kind, *arguments):
     return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(arguments)]
 
 
-def test_lm_eval_hf_model_gives_the_adapters_loglikelihoods(eval_folder):
+def test_lm_eval_hf_model_gives_the_loglikelihoods_and_greedy_text_computed_here(eval_folder):
     """In this process (dla_torch imported: no trust_remote_code needed)."""
     from lm_eval.models.huggingface import HFLM
-
-    from dla_torch.lm_eval_adapter import DLALM
 
     pairs = [(doc["question"], f" {choice}") for doc in CHOICES for choice in doc["choices"]] + [("", "the cache")]
     hf = HFLM(pretrained=str(eval_folder / "model"), device="cpu", batch_size=2)
     assert type(hf.model) is DLAGatedDeltaNetForCausalLM
-    ours = DLALM(pretrained=str(eval_folder / "model"), batch_size=2, device="cpu", seq_len=8)
     loglikelihood, rolling = reference(eval_folder / "model")
     got = hf.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
-    expected = ours.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
-    for pair, (logprob, greedy), (want, want_greedy) in zip(pairs, got, expected):
-        assert logprob == pytest.approx(want, rel=1e-5) == pytest.approx(loglikelihood(*pair), rel=1e-5)
-        assert greedy == want_greedy and logprob < 0
+    for pair, (logprob, greedy) in zip(pairs, got, strict=True):
+        want, want_greedy = loglikelihood(*pair)
+        assert logprob == pytest.approx(want, rel=1e-5) and greedy == want_greedy, pair
     texts = [(text,) for text in TEXTS]
     got = hf.loglikelihood_rolling(requests("loglikelihood_rolling", *texts), disable_tqdm=True)
-    assert got == pytest.approx(ours.loglikelihood_rolling(requests("loglikelihood_rolling", *texts),
-                                                           disable_tqdm=True), rel=1e-5)
     assert got == pytest.approx([rolling(text) for text in TEXTS], rel=1e-5)
-    until = [("the cache opens a new state where", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
+    # greedy text up to the end-of-document token: dla_torch.generate's
+    model, tokenizer, eos = load(eval_folder / "model")
+    context = "the cache opens a new state where"
+    prompt = torch.tensor([tokenizer.encode(context).ids])
+    new = generate(model, prompt, 8, eos_id=eos)[0, prompt.shape[1]:].tolist()
+    until = [(context, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
     assert hf.generate_until(requests("generate_until", *until), disable_tqdm=True) == \
-        ours.generate_until(requests("generate_until", *until), disable_tqdm=True)
+        [tokenizer.decode(new[: new.index(eos)] if eos in new else new)]
 
 
 def test_lm_eval_command_line_evaluates_a_saved_folder(eval_folder, tmp_path):
@@ -329,9 +330,10 @@ def test_lm_eval_command_line_evaluates_a_saved_folder(eval_folder, tmp_path):
     samples = {name: sorted((json.loads(line) for line in next(out.rglob(f"samples_{name}_*.jsonl")).open()),
                             key=lambda sample: sample["doc_id"]) for name in TASKS}
     loglikelihood, rolling = reference(eval_folder / "model")
-    choices = [[float(logprob) for logprob, _ in sample["filtered_resps"]] for sample in samples["dla_tiny_choice"]]
-    assert choices == [pytest.approx([loglikelihood(doc["question"], f" {c}") for c in doc["choices"]], rel=1e-5)
-                       for doc in CHOICES]
+    for sample, doc in zip(samples["dla_tiny_choice"], CHOICES, strict=True):
+        for (logprob, greedy), choice in zip(sample["filtered_resps"], doc["choices"], strict=True):
+            want, want_greedy = loglikelihood(doc["question"], f" {choice}")
+            assert float(logprob) == pytest.approx(want, rel=1e-5) and greedy == str(want_greedy), choice
     assert [float(sample["filtered_resps"][0]) for sample in samples["dla_tiny_rolling"]] == \
         pytest.approx([rolling(text) for text in TEXTS], rel=1e-5)
 

@@ -78,8 +78,8 @@ def from_pretrained(path_or_id, dtype=None):
 
 
 def save_pretrained(model, folder, tokenizer_dir=None) -> Path:
-    """transformers' ``model.save_pretrained`` (config.json and model.safetensors), and the tokenizer files of
-    ``tokenizer_dir`` copied."""
+    """transformers' ``model.save_pretrained`` (config.json, model.safetensors and the remote code its auto_map
+    names, modeling_dla.py), and the tokenizer files of ``tokenizer_dir`` copied."""
     folder = Path(folder)
     model.save_pretrained(folder)
     if tokenizer_dir is not None:
