@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import dla_torch
-from dla_torch.ops import chunk
 from dla_torch.ops.attention import empty_state
-from dla_torch.ops.triton import chunk as triton_chunk
-from dla_torch.ops.triton import scan as triton_scan
+from dla_torch.ops.chunk import _run_chunks, host_scan
+from dla_torch.ops.triton.chunk import chunk_forward
+from dla_torch.ops.triton.scan import triton_scan
 
 from helpers import (
     NAMES,
@@ -44,7 +44,7 @@ def poisoned_outputs(monkeypatch):
 
 def run_scans(config, x, active, state, chunk_size):
     args = (config, x["k"], x["v"], x["g"], x["beta"], active, state, chunk_size)
-    return chunk.scan(*args), triton_scan.scan(*args)
+    return host_scan(*args), triton_scan(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -124,10 +124,10 @@ def test_fused_forward_equals_torch_chunk_math(policy, delta, poisoned_outputs):
     x = make_inputs(config, 2, 20 + T, 2, 5, 7, delta=delta, seed=2)
     state, tail = prefix_state(config, x, 20)
     tx, st = to_torch(tail, torch.float32), to_torch(state, torch.float32)
-    sigma, _ = chunk.scan(config, tx["k"], tx["v"], tx["g"], tx["beta"], torch.ones(2, T, dtype=torch.bool), st, C)
+    sigma, _ = host_scan(config, tx["k"], tx["v"], tx["g"], tx["beta"], torch.ones(2, T, dtype=torch.bool), st, C)
     args = (tx["q"], tx["k"], tx["v"], tx["g"], tx["lam"], tx["beta"], st.S)
-    o, S = chunk._run_chunks(*args, [(a, min(a + C, T)) for a in range(0, T, C)], sigma, 0.6)
-    o2, S2 = triton_chunk.chunk_forward(*args, sigma, 0.6, C)
+    o, S = _run_chunks(*args, [(a, min(a + C, T)) for a in range(0, T, C)], sigma, 0.6)
+    o2, S2 = chunk_forward(*args, sigma, 0.6, C)
     assert_close("o", o, o2, 1e-5)
     assert_close("S", S, S2, 1e-5)
 

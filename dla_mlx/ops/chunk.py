@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from dla_shared.scan import scan as shared_scan
+from dla_shared.scan import scan
 from dla_shared.state import DLAState, decay_floor
 
 CHUNK = 64
@@ -19,12 +19,12 @@ CHUNK = 64
 def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None):
     """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
 
-    ``decide`` computes the decisions (`scan` here, on the host; the Metal impl passes its kernel).
+    ``decide`` computes the decisions (`host_scan` by default; the Metal impl passes `metal_scan`).
     """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
     active = np.ones((B, T), bool) if mask is None else np.array(mask)
-    sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
+    sigma, book = (decide or host_scan)(config, k, v, g, beta, active, state, chunk_size)
     g = mx.maximum(g, decay_floor(mx.finfo(g.dtype).eps))  # the scan decided on g itself
     k, v, g, beta, poisoned = _contain(k, v, g, beta)
     L = state.S.shape[2]
@@ -32,7 +32,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     for c0 in range(0, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
         part = lambda x: None if x is None else x[:, c0:c1]
-        o, S = _math(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
+        o, S = _one_chunk(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
                      sigma[:, :, c0:c1, : L + c1 - c0], scale)
         outputs.append(o)
     o = mx.where(poisoned[..., None], mx.nan, mx.concatenate(outputs, axis=1))
@@ -51,11 +51,11 @@ def _contain(k, v, g, beta):
     return *map(zero, (k, v, g, beta)), mx.cumsum(bad.astype(mx.int32), axis=1) > 0
 
 
-def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
+def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     """The decisions (`dla_shared.scan`, on the host): ``sigma`` int32 [B, H, T, L + C] and the final
     bookkeeping (n, ibar, pos, opened). ``active`` is a numpy bool [B, T]."""
     host = lambda x: None if x is None else np.array(mx.stop_gradient(x))
-    sigma, (n, ibar, pos, opened) = shared_scan(config, host(k), host(v), host(g), host(beta), active,
+    sigma, (n, ibar, pos, opened) = scan(config, host(k), host(v), host(g), host(beta), active,
                                                 host(state.S[:, :, 0]), host(state.n), host(state.ibar),
                                                 host(state.pos), host(state.opened), chunk_size)
     book = (mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=state.S.dtype), mx.array(pos, dtype=mx.int64),
@@ -63,8 +63,8 @@ def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     return mx.array(sigma.astype(np.int32)), book
 
 
-def _math(q, k, v, g, lam, beta, S, sigma, scale):
-    """Outputs and end states of one chunk given its decisions (`dla_torch.ops.chunk._math`)."""
+def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
+    """Outputs and end states of one chunk given its decisions (`dla_torch.ops.chunk._one_chunk`)."""
     L = S.shape[2]
     qh, kh, vh, lh = (x.transpose(0, 2, 1, 3) for x in (q, k, v, lam))  # [B, H, C, D]
     C = qh.shape[2]

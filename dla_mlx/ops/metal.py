@@ -106,8 +106,8 @@ def _template(config, Dk, Dv, L, H, nsg, delta):
             ("SCORE", policy.SCORE_IDS[config.score]), ("DELTA", delta)]
 
 
-def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
-    """`dla_mlx.ops.chunk.scan` with the ``dla_scan`` kernel: sigma int32 [B, H, T, L + C],
+def metal_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
+    """`dla_mlx.ops.chunk.host_scan` with the ``dla_scan`` kernel: sigma int32 [B, H, T, L + C],
     (n, ibar, pos, opened)."""
     active = mx.array(active)
     k, v, g = (mx.stop_gradient(x) for x in (k, v, g))
@@ -125,7 +125,7 @@ def dla_metal(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError("impl='metal' computes in float32; use impl='chunk' or 'reference' for float64 inputs")
     B, T = q.shape[:2]
     if T != 1:
-        return dla_chunk(q, k, v, g, lam, beta, mask, state, config=config, scale=scale, decide=scan)
+        return dla_chunk(q, k, v, g, lam, beta, mask, state, config=config, scale=scale, decide=metal_scan)
     active = mx.ones((B,), dtype=mx.bool_) if mask is None else mask[:, 0]
     pos = state.pos + active.astype(mx.int64)
     policy.check_levels(config, int(pos.max()) if pos.size else 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import torch
@@ -13,19 +12,7 @@ from dla_shared.state import check_inputs
 
 from .chunk import dla_chunk
 from .reference import dla_reference
-
-
-def dla_triton(q, *args, **kw):
-    """The chunk path with Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): the decision scan, and
-    for float32 the fused chunk forward and backward (other dtypes use the PyTorch chunk math)."""
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
-    from .triton import chunk, scan  # triton is imported only here: it is absent on macOS
-
-    fused = q.dtype == torch.float32
-    return dla_chunk(q, *args, decide=scan.scan, forward=chunk.chunk_forward if fused else None,
-                     differentiable=chunk.FusedChunks.apply if fused else None, **kw)
-
+from .triton import dla_triton
 
 IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "triton": dla_triton}
 

@@ -2,9 +2,10 @@
 
 For each chunk of C tokens (the last may be shorter), with the K carried states S_i at its start:
 
-1. **Scan** (no gradient, `dla_shared.scan`): one pass over the tokens carries only the newest state,
-   which is all the score needs, and records the decisions as ``sigma[t, x]``: the slot, after token t,
-   of the state carried into t's chunk x (x < L) or of the chunk's token x - L (-1 if not written yet).
+1. **Scan** (no gradient, `host_scan`: `dla_shared.scan` on the host): one pass over the tokens carries
+   only the newest state, which is all the score needs, and records the decisions as ``sigma[t, x]``: the
+   slot, after token t, of the state carried into t's chunk x (x < L) or of the chunk's token x - L (-1 if
+   not written yet).
 2. **Math** (differentiable). Per chunk, with ``gamma_j = exp(cumsum g)`` and for the delta rule the
    triangular ``T[j, s] = delta_js + [s < j] (gamma_j / gamma_s) beta_s k_j.k_s`` (the UT transform):
    ``A = D T^-1`` is the base model's attention matrix inside the chunk (D its decay-masked q.k beta),
@@ -25,33 +26,33 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dla_shared.scan import scan as shared_scan
+from dla_shared.scan import scan
 from dla_shared.state import DLAState, decay_floor
 
 CHUNK = 64
 
 
 def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, chunk_size=CHUNK, decide=None,
-              forward=None, differentiable=None):
+              fused_forward=None, fused_segments=None):
     """Run a [B, T] block from ``state``; return (o [B, T, H, Dv], final DLAState).
 
-    ``decide`` computes the decisions (`scan` here, on the host; the Triton impl passes its kernel).
-    ``forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size) -> (o, S)`` replaces the PyTorch chunk
-    math when no gradient is needed, and ``differentiable(q, k, v, g, lam, beta, S, sigma, scale,
+    ``decide`` computes the decisions (`host_scan` by default; the Triton impl passes `triton_scan`).
+    ``fused_forward(q, k, v, g, lam, beta, S, sigma, scale, chunk_size) -> (o, S)`` replaces the PyTorch
+    chunk math when no gradient is needed, and ``fused_segments(q, k, v, g, lam, beta, S, sigma, scale,
     chunk_size)`` replaces each recomputed segment when one is (the Triton impl passes its fused kernels).
     """
     B, T, H, _ = q.shape
     # Padding arrives zeroed (`dla_attention`): an identity transition, no write, zero output.
     active = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask.to(q.device)
     with torch.no_grad():
-        sigma, book = (decide or scan)(config, k, v, g, beta, active, state, chunk_size)
+        sigma, book = (decide or host_scan)(config, k, v, g, beta, active, state, chunk_size)
     g = g.clamp(min=decay_floor(torch.finfo(g.dtype).eps))  # the scan decided on g itself
     k, v, g, beta, poisoned = _contain(k, v, g, beta)
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if not _needs_grad(q, k, v, g, lam, beta, state.S):
-        if forward is not None:
-            o, S = forward(q, k, v, g, lam, beta, state.S, sigma, scale, chunk_size)
+        if fused_forward is not None:
+            o, S = fused_forward(q, k, v, g, lam, beta, state.S, sigma, scale, chunk_size)
         else:
             o, S = _run_chunks(q, k, v, g, lam, beta, state.S, chunks, sigma, scale)
     else:
@@ -61,8 +62,8 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
         for first in range(0, len(chunks), per):
             seg = chunks[first : first + per]
             s0, s1 = seg[0][0], seg[-1][1]
-            if differentiable is not None:
-                o, S = differentiable(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
+            if fused_segments is not None:
+                o, S = fused_segments(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
                                       _part(beta, s0, s1), S, sigma[:, :, s0:s1], scale, chunk_size)
             else:
                 o, S = checkpoint(_run_chunks, q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], lam[:, s0:s1],
@@ -94,22 +95,22 @@ def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigma, scale):
     L = S.shape[2]
     outputs = [q.new_zeros(B, 0, H, S.shape[-1])]
     for c0, c1 in chunks:
-        o, S = _math(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], lam[:, c0:c1], _part(beta, c0, c1),
+        o, S = _one_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], lam[:, c0:c1], _part(beta, c0, c1),
                      S, sigma[:, :, c0:c1, : L + c1 - c0].long(), scale)
         outputs.append(o)
     return torch.cat(outputs, dim=1), S
 
 
-def scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
+def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     """The decisions (`dla_shared.scan`, on the host): ``sigma`` int16 [B, H, T, L + C] on k's device and
     the final bookkeeping (n, ibar, pos, opened) as CPU tensors."""
     host = lambda x: None if x is None else x.detach().cpu().numpy()
-    sigma, book = shared_scan(config, host(k), host(v), host(g), host(beta), host(active), host(state.S[:, :, 0]),
+    sigma, book = scan(config, host(k), host(v), host(g), host(beta), host(active), host(state.S[:, :, 0]),
                               host(state.n), host(state.ibar), host(state.pos), host(state.opened), chunk_size)
     return torch.from_numpy(sigma).to(k.device), tuple(torch.from_numpy(x) for x in book)
 
 
-def _math(q, k, v, g, lam, beta, S, sigma, scale):
+def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
     """Outputs and end states of one chunk given its decisions (see the module docstring)."""
     L = S.shape[2]
     qh, kh, vh, lh = (x.transpose(1, 2) for x in (q, k, v, lam))  # [B, H, C, D]

@@ -1,10 +1,11 @@
 """The decision scan as one Triton kernel: the mirror of `dla_shared.scan`, line for line.
 
 One program per (row, head) walks the whole sequence, carrying only the newest state X [Dk, Dv] and the
-cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see `dla_torch.ops.chunk.scan`). Each
-head compares its score with its own threshold (``thresholds`` [H], float64 as in `dla_shared.policy`). The policies of
-`dla_shared.policy` are re-expressed with vectors over slots: a slot map ``dest`` moves n, ibar and every
-tracked slot through one-hot comparisons instead of scatters. `_score` and `_plan` mirror dla_common.h's
+cache's bookkeeping (n, ibar, pos, opened) in registers, and writes ``sigma`` (see
+`dla_torch.ops.chunk.host_scan`). Each head compares its score with its own threshold (``thresholds`` [H],
+float64 as in `dla_shared.policy`). The policies of `dla_shared.policy` are re-expressed with vectors over
+slots: a slot map ``dest`` moves n, ibar and every tracked slot through one-hot comparisons instead of
+scatters. `_score` and `_plan` mirror dla_common.h's
 ``dla_score`` and ``dla_plan``, the Metal kernels' score and decisions.
 """
 
@@ -145,8 +146,8 @@ def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0,
     tl.store(opened_out + i_bh, count)
 
 
-def scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
-    """Same contract as `dla_torch.ops.chunk.scan`, on the kernel."""
+def triton_scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk_size):
+    """Same contract as `dla_torch.ops.chunk.host_scan`, on the kernel."""
     B, T, H, Dk = k.shape
     Dv, L = v.shape[-1], state.n.shape[-1]
     device = k.device
