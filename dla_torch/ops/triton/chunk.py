@@ -8,7 +8,7 @@ the chunk end. The states live in a two-buffer workspace [B, H, 2, L, Dk, Dv] (r
 so no state is kept per chunk. Notation and shapes as in `dla_torch.ops.chunk`.
 
 `chunk_forward` runs it without gradients (inference, evaluation, prefill); `FusedChunks` pairs it with the
-fused backward kernel for training (`dla_torch.ops.attention.dla_triton`).
+fused backward kernel for training (`dla_torch.ops.triton.dla_triton`).
 """
 
 from __future__ import annotations
