@@ -1,16 +1,19 @@
 """Benchmark dla_torch.dla_attention: forward and forward+backward time per impl vs sequence length.
 
-Compares each impl of the `dla` policy with the single-state base model (`policy="single"` through the
-same chunk path) at B=1, H=4, Dk=Dv=64, K=30 by default. Writes a JSON of every timing and a log-log plot,
-and prints a markdown table with the speed-up of `chunk` over `reference` measured in the same run.
+Compares each impl of the `dla` policy with two single-state bases: `policy="single"` through the same
+chunk path (which runs the decision scan too), and fla's pure-torch chunk of the base model with no scan
+(`naive_chunk_simple_gla`, or `naive_chunk_gated_delta_rule` with --delta), at B=1, H=4, Dk=Dv=64, K=30 by
+default. Writes a JSON of every timing and a log-log plot, and prints a markdown table with the ratios
+measured in the same run.
 
     python scripts/bench_ops.py                       # T = 512 .. 16384; reference up to T = 2048
-    python scripts/bench_ops.py --lengths 512 2048 --repeats 3 --out bench/cpu
+    python scripts/bench_ops.py --lengths 512 8192 --threads 1 --delta --out bench/ops_cpu_delta
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import time
@@ -49,15 +52,32 @@ def timed(fn, repeats):
     return best
 
 
+def fla_naive(delta: bool):
+    """fla's pure-torch chunk of the single-state base, loaded by file path (fla's package __init__ needs a
+    GPU stack), as a function of our inputs."""
+    folder, name = ("gated_delta_rule", "naive_chunk_gated_delta_rule") if delta else ("simple_gla",
+                                                                                     "naive_chunk_simple_gla")
+    path = Path(importlib.util.find_spec("fla").origin).parent / "ops" / folder / "naive.py"
+    spec = importlib.util.spec_from_file_location(f"fla_naive_{folder}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, name)
+    if delta:
+        return lambda q, k, v, g, lam, beta: fn(q, k, v, g, beta)[0]
+    return lambda q, k, v, g, lam, beta: fn(q, k, v, g)[0]
+
+
 def measure(impl, config, x, repeats):
+    """Best forward and forward+backward seconds; ``impl`` is a dla_attention impl or a function."""
+    run = impl if callable(impl) else lambda *t: dla_attention(*t, config=config, impl=impl)[0]
+
     def forward():
         with torch.no_grad():
-            dla_attention(*x.values(), config=config, impl=impl)
+            run(*x.values())
 
     def forward_backward():
         leaves = {n: None if t is None else t.clone().requires_grad_() for n, t in x.items()}
-        o, _ = dla_attention(*leaves.values(), config=config, impl=impl)
-        o.sum().backward()
+        run(*leaves.values()).sum().backward()
 
     return timed(forward, repeats), timed(forward_backward, repeats)
 
@@ -71,18 +91,22 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=30)
     p.add_argument("--delta", action="store_true", help="gated delta rule instead of the diagonal transition")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="bench/ops_cpu", help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    naive = fla_naive(args.delta)
     # The token loop last at each length: its large autograd graph must not slow the runs after it.
-    runs = [("dla", "chunk"), ("single", "chunk"), ("dla", "reference")]
+    runs = [("dla", "chunk"), ("single", "chunk"), ("single", "fla-naive"), ("dla", "reference")]
     rows = []
     todo = [(T, policy, impl) for T in args.lengths for policy, impl in runs
             if impl != "reference" or T <= args.reference_max_length]
     for T, policy, impl in tqdm(todo, desc="bench", unit="run"):
         config = DLAConfig(policy=policy, capacity=args.capacity)
         x = inputs(T, 1, args.heads, args.dim, config.num_slots, args.delta)
-        fwd, fwd_bwd = measure(impl, config, x, args.repeats)
+        fwd, fwd_bwd = measure(naive if impl == "fla-naive" else impl, config, x, args.repeats)
         rows.append({"T": T, "policy": policy, "impl": impl, "fwd_s": fwd, "fwd_bwd_s": fwd_bwd})
     meta = {"device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "B": 1, "H": args.heads, "D": args.dim, "K": args.capacity,
@@ -97,24 +121,29 @@ def main(argv=None):
 
 
 def table(rows) -> str:
-    """Markdown: seconds per impl, and chunk's speed-up over reference where both ran."""
+    """Markdown: seconds per impl, chunk's speed-up over reference where both ran, and DLA's cost over each
+    single-state base (forward; forward+backward)."""
     by = {(r["T"], r["policy"], r["impl"]): r for r in rows}
     lines = ["| T | dla reference fwd+bwd (s) | dla chunk fwd / fwd+bwd (s) | single chunk fwd / fwd+bwd (s) "
-             "| chunk vs reference (fwd+bwd) |", "|---|---|---|---|---|"]
+             "| fla naive fwd / fwd+bwd (s) | chunk vs reference (fwd+bwd) | dla / single | dla / fla naive |",
+             "|---|---|---|---|---|---|---|---|"]
+    pair = lambda r: f"{r['fwd_s']:.2f} / {r['fwd_bwd_s']:.2f}"
+    ratio = lambda a, b: f"{a['fwd_s'] / b['fwd_s']:.1f} / {a['fwd_bwd_s'] / b['fwd_bwd_s']:.1f}"
     for T in sorted({r["T"] for r in rows}):
-        ref, chunk, single = by.get((T, "dla", "reference")), by[(T, "dla", "chunk")], by[(T, "single", "chunk")]
+        ref, chunk = by.get((T, "dla", "reference")), by[(T, "dla", "chunk")]
+        single, naive = by[(T, "single", "chunk")], by[(T, "single", "fla-naive")]
         ref_s = f"{ref['fwd_bwd_s']:.2f}" if ref else "-"
         speedup = f"{ref['fwd_bwd_s'] / chunk['fwd_bwd_s']:.1f}x" if ref else "-"
-        lines.append(f"| {T} | {ref_s} | {chunk['fwd_s']:.2f} / {chunk['fwd_bwd_s']:.2f} | "
-                     f"{single['fwd_s']:.2f} / {single['fwd_bwd_s']:.2f} | {speedup} |")
+        lines.append(f"| {T} | {ref_s} | {pair(chunk)} | {pair(single)} | {pair(naive)} | {speedup} | "
+                     f"{ratio(chunk, single)} | {ratio(chunk, naive)} |")
     return "\n".join(lines)
 
 
 def plot(rows, meta, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (policy, impl), style in {("dla", "reference"): "o-", ("dla", "chunk"): "s-",
-                                  ("single", "chunk"): "^--"}.items():
+    for (policy, impl), style in {("dla", "reference"): "o-", ("dla", "chunk"): "s-", ("single", "chunk"): "^--",
+                                  ("single", "fla-naive"): "v:"}.items():
         sel = [r for r in rows if r["policy"] == policy and r["impl"] == impl]
         if sel:
             ax.plot([r["T"] for r in sel], [r["fwd_bwd_s"] for r in sel], style, label=f"{policy} / {impl}")

@@ -12,7 +12,8 @@ def test_bench_ops_writes_json_plot_and_table(tmp_path, capsys):
     assert bench.main(["--lengths", "32", "70", "--reference-max-length", "32", "--heads", "1", "--dim", "8",
                        "--capacity", "4", "--repeats", "1", "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert {(r["T"], r["impl"]) for r in rows} == {(32, "reference"), (32, "chunk"), (70, "chunk")}
+    assert {(r["T"], r["impl"]) for r in rows} == {(32, "reference"), (32, "chunk"), (70, "chunk"),
+                                                   (32, "fla-naive"), (70, "fla-naive")}
     assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in rows)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| 70 | - |" in capsys.readouterr().out
