@@ -24,8 +24,8 @@ from dla_shared.hub import read_config, resolve
 
 from .data import load_tokenizer, read_documents
 from .evaluate import eos_token_id
+from .models.base import dla_mixers
 from .models.hub import from_pretrained, model_types
-from .models.layers import dla_mixers
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dla_shared.calibrate import fit_thresholds, open_rates
 
 from .boundaries import Checkpoint, Text, load_checkpoint, read_text, record_layer, save_thresholds
-from .models.layers import dla_mixers
+from .models.base import dla_mixers
 
 TOLERANCE = 0.1  # how far (relative) a head's open rate may land from the target
 DEFAULT_MAX_TOKENS = 2048

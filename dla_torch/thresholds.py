@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models.layers import DLAMixer
+from .models.base import DLAMixer
 
 
 def step_counts(mixers: list[DLAMixer]) -> torch.Tensor:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import PackedTokens, load_tokenizer, read_documents
+from .models.base import dla_mixers
 from .models.hub import model_types, save_pretrained
-from .models.layers import dla_mixers
 from .thresholds import follow_target_rate, step_counts
 
 DEFAULTS = {

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from dla_shared import DLAConfig, recall
 from dla_shared.plot import pyplot
+from dla_torch.models.base import dla_mixers
 from dla_torch.models.dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from dla_torch.models.dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
-from dla_torch.models.layers import dla_mixers
 from dla_torch.thresholds import follow_target_rate, step_counts
 
 POLICIES = ("single", "fixed", "fenwick", "dla-paper", "dla-1/4", "dla-1/8")

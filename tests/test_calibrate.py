@@ -28,7 +28,7 @@ from dla_torch.models import (
     from_pretrained,
     save_pretrained,
 )
-from dla_torch.models.layers import dla_mixers
+from dla_torch.models.base import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
 
 from helpers import make_tokenizer

@@ -19,8 +19,8 @@ from dla_mlx.generate import main as generate
 from dla_mlx.models.base import dla_mixers as mlx_mixers
 from dla_shared.hub import DEFAULT_MODEL
 from dla_torch.models import from_pretrained
+from dla_torch.models.base import dla_mixers
 from dla_torch.models.hub import model_types
-from dla_torch.models.layers import dla_mixers
 
 from helpers import load_script
 

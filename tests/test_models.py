@@ -12,7 +12,7 @@ from torch import nn
 from dla_shared import DLAConfig
 from dla_torch.generate import generate, sample
 from dla_torch.models import from_pretrained, save_pretrained
-from dla_torch.models.layers import dla_mixers
+from dla_torch.models.base import dla_mixers
 from dla_torch.models.upcycle import main as upcycle_cli
 from dla_torch.models.upcycle import upcycle
 

@@ -12,12 +12,12 @@ import torch
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
-import dla_torch.models.layers as layers
+import dla_torch.models.base as torch_base
 from dla_mlx.convert import load_model, mlx_to_torch, torch_to_mlx
 from dla_shared import DLAConfig, inspect
 from dla_shared import dla_attention as oracle
 from dla_torch.models import from_pretrained, save_pretrained
-from dla_torch.models.layers import dla_mixers
+from dla_torch.models.base import dla_mixers
 from dla_torch.models.upcycle import upcycle
 
 from helpers import tiny, to_numpy
@@ -48,13 +48,13 @@ def logits(model, x, **kw):
 @pytest.fixture
 def recorded(monkeypatch):
     """Every DLA op call of the torch models, its arguments appended (in layer order) to the returned list."""
-    calls, op = [], layers.dla_attention
+    calls, op = [], torch_base.dla_attention
 
     def record(q, k, v, g, lam, beta=None, **kw):
         calls.append({"q": q, "k": k, "v": v, "g": g, "beta": beta, **kw})
         return op(q, k, v, g, lam, beta, **kw)
 
-    monkeypatch.setattr(layers, "dla_attention", record)
+    monkeypatch.setattr(torch_base, "dla_attention", record)
     return calls
 
 
@@ -96,7 +96,7 @@ def oracle_logits(model, x, monkeypatch, threshold):
         o, _ = oracle(*map(to_numpy, inputs), config=config, **{k: to_numpy(v) for k, v in kw.items()})
         return torch.from_numpy(o).float(), None
 
-    monkeypatch.setattr(layers, "dla_attention", lambda *inputs, config, **kw: run_oracle(*inputs, **kw))
+    monkeypatch.setattr(torch_base, "dla_attention", lambda *inputs, config, **kw: run_oracle(*inputs, **kw))
     return logits(model, x)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from dla_torch.data import PackedTokens, load_tokenizer
 from dla_torch.models import from_pretrained
-from dla_torch.models.layers import dla_mixers
+from dla_torch.models.base import dla_mixers
 from dla_torch.train import DEFAULTS, Trainer, load_config, lr_factor, main
 
 from helpers import WORDS, make_tokenizer
@@ -22,7 +22,7 @@ TRAIN_AND_SAVE_TAU = """
 import sys
 import torch
 import torch.distributed as dist
-from dla_torch.models.layers import dla_mixers
+from dla_torch.models.base import dla_mixers
 from dla_torch.train import Trainer, load_config
 trainer = Trainer(load_config(None, sys.argv[2::2]))
 trainer.fit()

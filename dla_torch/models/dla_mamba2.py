@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 from .configuration import DLAMamba2Config
-from .layers import MLP, CausalLM, DLAMixer, LayerCache, RMSNorm, causal_conv, read_weights
 
 
 class Mixer(DLAMixer):
