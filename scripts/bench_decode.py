@@ -23,10 +23,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import llama, qwen3_next
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.gated_delta import gated_delta_ops
 
+from dla_mlx import dla_attention
 from dla_mlx.models import dla_gated_deltanet as dla
 from dla_mlx.models.base import dla_mixers, set_state
-from dla_shared import DLAState
+from dla_shared import DLAConfig, DLAState
 from dla_shared.plot import pyplot
 
 
@@ -102,6 +104,35 @@ def decode_latency(model, cache, steps):
     return float(np.median(times))
 
 
+def op_latency(heads, dim, capacity, steps):
+    """Median seconds of one layer's one-token op: DLA's (the step and the reference, from a full cache of K
+    states) and mlx-lm's gated delta ops path (one state), on the same shapes."""
+    mx.random.seed(1)
+    q, k, v = (mx.random.normal((1, 1, heads, dim)) for _ in range(3))
+    k = k / mx.linalg.norm(k, axis=-1, keepdims=True)
+    g, beta = -0.1 * mx.random.uniform(shape=(1, 1, heads)), mx.random.uniform(shape=(1, 1, heads))
+    config = DLAConfig(policy="dla", capacity=capacity)
+    L = config.num_slots
+    state = DLAState(0.1 * mx.random.normal((1, heads, L, dim, dim)), mx.full((1, heads, L), 17, dtype=mx.int64),
+                     mx.random.uniform(shape=(1, heads, L)), mx.array([17 * L]), mx.zeros((1, heads), dtype=mx.int64),
+                     config=config)
+    lam = mx.ones((1, 1, heads, L))
+    dla = lambda impl: lambda: dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state, impl=impl,
+                                             output_final_state=True)[1].S
+    runs = {"dla_step": dla("step"), "dla_reference": dla("reference"),
+            "gated_delta_ops": lambda: gated_delta_ops(q, k, v, mx.exp(g), beta, state.S[:, :, 0])[1]}
+    times = {}
+    for name, fn in runs.items():
+        samples = []
+        for i in range(steps + 2):
+            start = time.perf_counter()
+            mx.eval(fn())
+            if i >= 2:
+                samples.append(time.perf_counter() - start)
+        times[name] = float(np.median(samples))
+    return times
+
+
 def state_bytes(cache):
     return int(sum(c.nbytes for c in cache))
 
@@ -129,10 +160,12 @@ def main(argv=None):
             rows.append({"T": T, "model": name, "latency_s": decode_latency(model, cache, args.steps),
                          "state_bytes": state_bytes(cache)})
             print(rows[-1], flush=True)
+    ops = op_latency(args.heads, args.width // args.heads, args.capacity, args.steps)
+    print(ops, flush=True)
     meta = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__} | vars(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "one_layer_op_s": ops}, indent=2))
     plot(rows, meta, out.with_suffix(".png"))
     by = {(r["T"], r["model"]): r for r in rows}
     print("| context | DLA ms/token | Transformer ms/token | gated delta ms/token | DLA / Transformer | "
@@ -144,6 +177,10 @@ def main(argv=None):
               f"{d['state_bytes'] / 2**20:.1f} | {t['state_bytes'] / 2**20:.1f} |")
     first, last = by[(args.lengths[0], "dla")], by[(args.lengths[-1], "dla")]
     print(f"DLA latency at {args.lengths[-1]} / at {args.lengths[0]}: {last['latency_s'] / first['latency_s']:.2f}")
+    base = ops["gated_delta_ops"]
+    print(f"one layer's op: DLA step {1e3 * ops['dla_step']:.2f} ms ({ops['dla_step'] / base:.1f}x mlx-lm's gated "
+          f"delta ops), DLA reference {1e3 * ops['dla_reference']:.2f} ms ({ops['dla_reference'] / base:.1f}x), "
+          f"gated delta ops {1e3 * base:.3f} ms")
     return 0
 
 

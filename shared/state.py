@@ -56,12 +56,13 @@ def decay_floor(eps: float) -> float:
 
 
 def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens, *, is_float: Callable,
-                 scale=1.0, array_type: type | None = None):
+                 scale=1.0, array_type: type | None = None, check_decay: bool = True):
     """Validate the op's arguments; return (B, T, H, Dk, Dv, L, N). Errors name the argument.
 
     ``is_float(x)`` tells whether a backend array has a floating dtype; ``array_type`` (torch.Tensor,
     mx.array) is the type of the backend's arrays, which q, k, v, g, lam, beta and the state's fields must be
     (mask and cu_seqlens may be any array-like: the backends convert them before this check).
+    ``check_decay`` refuses g > 0, the one check that reads values (a host sync).
     """
     if not isinstance(config, DLAConfig):
         raise TypeError(f"config must be a DLAConfig, got {type(config).__name__}")
@@ -104,7 +105,7 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             raise ValueError(f"{name} must have shape {list(expected[name])} [B, T, H, ...], got {list(x.shape)}{hint}")
         if not is_float(x):
             raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if bool((g > 0).any()):
+    if check_decay and bool((g > 0).any()):
         raise ValueError(f"g must be <= 0 (the log of a decay in (0, 1]; -inf resets), got a maximum of "
                          f"{float(g.max())}")
     N = B

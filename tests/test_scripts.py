@@ -19,6 +19,17 @@ def test_bench_ops_writes_json_plot_and_table(tmp_path, capsys):
     assert "| 70 | - |" in capsys.readouterr().out
 
 
+def test_bench_prefill_writes_json_and_table(tmp_path, capsys):
+    bench = load_script("bench_prefill")
+    out = tmp_path / "prefill"
+    assert bench.main(["--lengths", "20", "70", "--heads", "1", "--dim", "8", "--capacity", "4", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["T"] for r in rows] == [20, 70]
+    assert all(r[key] > 0 for r in rows for key in ("dla_chunk_s", "dla_scan_s", "gated_delta_ops_s"))
+    assert "| 70 |" in capsys.readouterr().out
+
+
 def test_gpu_check_comparisons_run_on_cpu():
     """The correctness half of gpu_check.py, on the CPU through Triton's interpreter."""
     gpu_check = load_script("gpu_check")
@@ -47,7 +58,10 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
     size = {(r["T"], r["model"]): r["state_bytes"] for r in rows}
     assert size[(64, "dla")] == size[(256, "dla")]  # DLA's state does not grow with the context
     assert size[(256, "transformer")] > size[(64, "transformer")]
+    assert size[(64, "gated_delta")] == size[(256, "gated_delta")]
     assert all(r["latency_s"] > 0 for r in rows) and "DLA latency at 256 / at 64" in capsys.readouterr().out
+    ops = json.loads(out.with_suffix(".json").read_text())["one_layer_op_s"]
+    assert set(ops) == {"dla_step", "dla_reference", "gated_delta_ops"} and min(ops.values()) > 0
 
 
 def test_check_metal_runs_every_kernel_through_the_harness(capsys):

@@ -55,7 +55,8 @@ class GatedDeltaNet(DLAMixer):
         lam = read_weights(self.l_proj(x).reshape(B, T, H, K), self.L, a.read_weight_norm)
         config = self.op_config()
         o, state = dla_attention(q, k, v, g, lam, beta, config=config, scale=a.head_dim**-0.5, mask=mask,
-                                 initial_state=get_state(cache, 3, config, H), output_final_state=cache is not None)
+                                 initial_state=get_state(cache, 3, config, H), output_final_state=cache is not None,
+                                 check_decay=False)
         if cache is not None:
             for i, (_, conv_state) in enumerate(convs):
                 cache[i] = conv_state

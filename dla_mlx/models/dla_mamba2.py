@@ -51,7 +51,8 @@ class Mixer(DLAMixer):
         lam = read_weights(dl.reshape(B, T, H, K), self.L, a.read_weight_norm)
         config = self.op_config()
         y, state = dla_attention(q, k, xs * dt[..., None].astype(xs.dtype), g, lam, config=config, mask=mask,
-                                 initial_state=get_state(cache, 1, config, H), output_final_state=cache is not None)
+                                 initial_state=get_state(cache, 1, config, H), output_final_state=cache is not None,
+                                 check_decay=False)
         if cache is not None:
             cache[0] = conv_state
             set_state(cache, 1, state)

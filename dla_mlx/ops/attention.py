@@ -20,7 +20,7 @@ IMPLS = {"reference": dla_reference, "step": dla_step, "chunk": dla_chunk, "meta
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
                   initial_state: DLAState | None = None, output_final_state: bool = False, cu_seqlens=None,
-                  impl: str = "auto"):
+                  impl: str = "auto", check_decay: bool = True):
     """Dynamic Linear Attention (DESIGN section 2); the mirror of `dla_torch.dla_attention`.
 
     Args:
@@ -32,6 +32,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
+        check_decay: refuse g > 0, which reads g on the host (a sync per call); the models, whose g is
+            <= 0 by construction, pass False so that decoding never waits on the host.
         impl: "reference" (token by token), "step" (token by token with the decisions on the device, one
             compiled step: the decode path), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
             for one token, else the chunk path with the Metal decision scan) or "auto" (metal where Metal
@@ -46,7 +48,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                         for x in (mask, cu_seqlens))
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating), scale=scale,
-                                         array_type=mx.array)
+                                         array_type=mx.array, check_decay=check_decay)
     if impl == "auto":
         impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "step" if T == 1 else "chunk"
     if impl not in IMPLS:

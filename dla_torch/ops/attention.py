@@ -19,7 +19,7 @@ IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "triton": dla_triton}
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
                   initial_state: DLAState | None = None, output_final_state: bool = False, cu_seqlens=None,
-                  impl: str = "auto"):
+                  impl: str = "auto", check_decay: bool = True):
     """Dynamic Linear Attention (DESIGN section 2).
 
     Args:
@@ -31,6 +31,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         mask: [B, T] bool, False = padding (changes nothing, output zero).
         initial_state: a DLAState to continue from (batch N). output_final_state: return the final one.
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
+        check_decay: refuse g > 0, which reads g on the host (a sync per call); the models, whose g is
+            <= 0 by construction, pass False so that decoding never waits on the host.
         impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path
             with Triton kernels: the decision scan, and for float32 the fused chunk forward and backward) or
             "auto" (triton on CUDA, chunk elsewhere).
@@ -43,7 +45,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     mask, cu_seqlens = (x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
                         for x in (mask, cu_seqlens))
     B, T, H, Dk, Dv, L, N = check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
-                                         is_float=torch.is_floating_point, scale=scale, array_type=torch.Tensor)
+                                         is_float=torch.is_floating_point, scale=scale, array_type=torch.Tensor,
+                                         check_decay=check_decay)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "chunk"
     if impl not in IMPLS:
