@@ -96,7 +96,8 @@ def oracle_logits(model, x, monkeypatch, threshold):
         o, _ = oracle(*map(to_numpy, inputs), config=config, **{k: to_numpy(v) for k, v in kw.items()})
         return torch.from_numpy(o).float(), None
 
-    monkeypatch.setattr(torch_base, "dla_attention", lambda *inputs, config, **kw: run_oracle(*inputs, **kw))
+    monkeypatch.setattr(torch_base, "dla_attention",
+                        lambda *inputs, config, check_decay, **kw: run_oracle(*inputs, **kw))
     return logits(model, x)
 
 
