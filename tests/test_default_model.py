@@ -57,11 +57,14 @@ def test_a_damaged_copy_is_refused_naming_the_file(loader, damage, tmp_path):
 
 
 def test_config_is_the_recorded_training_config():
-    """config.json is the model section of the recorded dla-train config, through the config class."""
+    """config.json is the model section of the recorded dla-train config, through the config class, and the
+    auto_map that transformers' Auto classes follow with trust_remote_code."""
     model = dict(MANIFEST["train_config"]["model"])
     cls = model_types()[model.pop("type")]
     shipped = json.loads((DEFAULT_MODEL / "config.json").read_text())
-    assert cls.config_class.from_dict({**model, "vocab_size": shipped["vocab_size"]}).to_dict() == shipped
+    config = cls.config_class.from_dict({**model, "vocab_size": shipped["vocab_size"]})
+    assert shipped.pop("auto_map") == config.auto_map  # the remote code (modeling_dla.py) transformers loads
+    assert config.to_dict() == shipped
     assert shipped["dla"]["policy"] == "dla"
 
 

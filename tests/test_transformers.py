@@ -113,13 +113,14 @@ print("\\n" + json.dumps(results))
 
 
 @torch.no_grad()
-def test_a_process_without_dla_torch_loads_a_saved_folder_with_trust_remote_code(tmp_path):
+def test_a_process_without_dla_torch_loads_saved_folders_and_the_shipped_model_with_trust_remote_code(tmp_path):
     """The folder's auto_map names its modeling_dla.py, which imports the installed package's classes."""
     models = {kind: tiny(kind) for kind in KINDS}
     for kind, model in models.items():
         model.save_pretrained(tmp_path / kind)
+    models["shipped"] = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     prompt = [3, 14, 15, 9, 2, 6]
-    folders = [str(tmp_path / kind) for kind in KINDS]
+    folders = [str(tmp_path / kind) for kind in KINDS] + [str(DEFAULT_MODEL)]
     run = subprocess.run([sys.executable, "-c", REMOTE_CODE_RUN, json.dumps(prompt), *folders],
                          env={**os.environ, "HF_HOME": str(tmp_path / "hf")}, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=300)
