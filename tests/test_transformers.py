@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dla_shared import DLAConfig
 from dla_shared.hub import DEFAULT_MODEL, read_config
 from dla_torch.evaluate import load, score
 from dla_torch.generate import generate
@@ -21,31 +20,13 @@ from dla_torch.models import (
     DLAGatedDeltaNetConfig,
     DLAGatedDeltaNetForCausalLM,
     DLAMamba2Config,
-    DLAMamba2ForCausalLM,
     from_pretrained,
     save_pretrained,
 )
 
-from helpers import WORDS, make_tokenizer
+from helpers import WORDS, make_tokenizer, tiny
 
 KINDS = ["mamba2", "gdn"]
-
-
-def tiny(kind, vocab_size=61):
-    """A small random model, every parameter perturbed so that each matters (read weights included)."""
-    torch.manual_seed(0)
-    dla = DLAConfig(policy="dla", capacity=4)
-    if kind == "mamba2":
-        model = DLAMamba2ForCausalLM(DLAMamba2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                                     num_heads=4, head_dim=16, state_size=8, n_groups=2, dla=dla))
-    else:
-        model = DLAGatedDeltaNetForCausalLM(DLAGatedDeltaNetConfig(vocab_size=vocab_size, hidden_size=32,
-                                                                   num_hidden_layers=2, num_heads=2, head_dim=8,
-                                                                   dla=dla))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def left_padded(rows):
@@ -257,7 +238,7 @@ def eval_folder(tmp_path_factory):
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(200)]
     tokenizer = make_tokenizer(folder / "tok", docs)
-    save_pretrained(tiny("gdn", tokenizer.get_vocab_size()), folder / "model", tokenizer_dir=folder / "tok")
+    save_pretrained(tiny("gdn", vocab_size=tokenizer.get_vocab_size()), folder / "model", tokenizer_dir=folder / "tok")
     (folder / "tasks").mkdir()
     (folder / "choice.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in CHOICES))
     (folder / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
