@@ -1,6 +1,7 @@
-"""Generate text with a DLA model on MLX (Metal on a Mac, the CPU elsewhere), as `mlx_lm.generate` does:
-streamed text, then prompt and generation speed and peak memory. The state cache stays the same size
-however long the text grows.
+"""Generate with a DLA model on MLX (Metal on a Mac, the CPU elsewhere): `generate`, the mirror of
+`dla_torch.generate.generate` through mlx-lm's `generate_step`, and `dla-generate` (`main`), which streams
+text as `mlx_lm.generate` does, then prompt and generation speed and peak memory. The state cache stays the
+same size however long the text grows.
 
     dla-generate --prompt "def fibonacci(n):" --boundaries b.png     # the model shipped with the package
     dla-generate --model out/mlx-model --prompt "def main(" --max-tokens 200 --temp 0.7
@@ -12,12 +13,32 @@ import argparse
 import math
 import sys
 
-from mlx_lm.generate import stream_generate
+import mlx.core as mx
+from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from dla_shared.hub import DEFAULT_MODEL
 
 from .convert import load
+
+
+def generate(model, input_ids, max_new_tokens=64, *, temperature=0.0, top_p=1.0, prefill_step=2048, eos_id=None):
+    """Continue ``input_ids`` [T] (one sequence) by up to ``max_new_tokens`` tokens; returns [T + new].
+
+    The prompt is prefilled in slices of ``prefill_step`` tokens; ``temperature`` 0 is greedy, otherwise
+    sampling restricted to the top-``top_p`` mass (mlx-lm's sampler; `mx.random.seed` sets its seed). Stops
+    after ``eos_id``."""
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be a finite number >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    if input_ids.ndim != 1 or input_ids.size == 0:
+        raise ValueError(f"input_ids must be one non-empty sequence [T], got shape {list(input_ids.shape)}")
+    out = []
+    for token, _ in generate_step(input_ids, model, max_tokens=max_new_tokens, prefill_step_size=prefill_step,
+                                  sampler=make_sampler(temp=temperature, top_p=top_p)):
+        out.append(int(token))
+        if out[-1] == eos_id:
+            break
+    return mx.concatenate([input_ids, mx.array(out, dtype=input_ids.dtype)])
 
 
 def main(argv=None):
@@ -53,8 +74,6 @@ def main(argv=None):
     except UnicodeError:
         p.error("--prompt is not UTF-8 text")
     if args.seed is not None:
-        import mlx.core as mx
-
         mx.random.seed(args.seed)
     try:
         model, tokenizer = load(args.model)

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from dla_mlx.convert import load, mlx_to_torch, torch_to_mlx
 from dla_mlx.convert import main as convert_cli
+from dla_mlx.generate import generate as mlx_generate
 from dla_mlx.models.base import dla_mixers
+from dla_torch.generate import generate as torch_generate
 from dla_torch.models import save_pretrained
 
 from helpers import WORDS, make_tokenizer, tiny
@@ -78,6 +80,24 @@ def test_prefill_in_slices_and_decode_equal_one_forward(kind, tmp_path, tokenize
     parts = [model(ids[:, :32], cache=cache), model(ids[:, 32:70], cache=cache)]
     parts += [model(ids[:, t : t + 1], cache=cache) for t in range(70, 75)]
     np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gdn"])
+def test_generate_mirrors_torch_generate(kind, tmp_path, tokenizer_dir):
+    """`dla_mlx.generate.generate` gives `dla_torch.generate.generate`'s greedy tokens on the converted model,
+    the prompt prefilled in slices in both; it stops after ``eos_id`` and names bad arguments."""
+    model, mlx_model, _ = converted(kind, "dla", tmp_path, tokenizer_dir)
+    prompt = np.random.default_rng(2).integers(0, VOCAB, 23)
+    expected = torch_generate(model, torch.tensor(prompt[None]), 10, prefill_step=8)[0].tolist()
+    tokens = mlx_generate(mlx_model, mx.array(prompt), 10, prefill_step=8).tolist()
+    assert tokens == expected
+    stop = expected[23 + 4]
+    first = expected.index(stop, 23)  # the first time it is generated
+    assert mlx_generate(mlx_model, mx.array(prompt), 10, eos_id=stop).tolist() == expected[: first + 1]
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        mlx_generate(mlx_model, mx.array(prompt), 4, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"input_ids must be one non-empty sequence \[T\], got shape \[1, 23\]"):
+        mlx_generate(mlx_model, mx.array(prompt[None]), 4)
 
 
 def test_mlx_lm_generate_is_greedy_decoding_and_prompt_caches_continue(tmp_path, tokenizer_dir):
