@@ -128,6 +128,15 @@ def test_the_remote_code_stays_with_torch_folders(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "back").to_dict() == model.config.to_dict()
 
 
+def test_forward_refuses_arguments_it_would_ignore():
+    model, ids = tiny("gdn"), torch.tensor([[3, 4, 5]])
+    with pytest.raises(TypeError, match=r"forward does not take \['labels'\].*no loss"):
+        model(ids, labels=ids)
+    with pytest.raises(TypeError, match=r"does not take \['output_attentions'\]"):
+        model(ids, output_attentions=True)
+    assert torch.equal(model(ids, output_attentions=False, return_dict=True).logits, model(ids).logits)
+
+
 def test_a_bad_config_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"unknown DLAMamba2Config field\(s\) \['num_head'\]"):
         DLAMamba2Config(num_head=4)

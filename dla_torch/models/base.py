@@ -251,8 +251,13 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         return inputs
 
     def forward(self, input_ids, mask=None, cache=None, cu_seqlens=None, *, attention_mask=None, use_cache=None,
-                **generate_flags):
-        """``generate_flags``: what transformers' generate passes besides (return_dict ...), unused."""
+                return_dict=None, **others):
+        """``return_dict`` is taken as transformers' generate passes it (the output is always a CausalLMOutput);
+        any other argument (``labels``, ``output_attentions=True`` ...) is refused unless it is None or False."""
+        unsupported = sorted(name for name, value in others.items() if value is not None and value is not False)
+        if unsupported:
+            raise TypeError(f"{type(self).__name__}.forward does not take {unsupported}; it takes input_ids, mask "
+                            "or attention_mask, cache, cu_seqlens and use_cache, and returns the logits (no loss)")
         if attention_mask is not None:
             if mask is not None:
                 raise ValueError("pass mask or attention_mask, not both")
