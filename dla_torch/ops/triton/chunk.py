@@ -59,6 +59,65 @@ def _load_chunk(q, k, v, g, lam, sigma, i_bh, i_b, i_h, c, T, H, rc, rk, rv, rl,
 
 
 @triton.jit
+def _delta_terms(qc, kc, bc, ratio, gamma, to_end, qk, rc, C: tl.constexpr):
+    """The delta rule's chunk terms: kk = K K^T; Tm, the strictly lower part of (ratio * beta_s) kk, and
+    Ti = (I + Tm)^-1; D = (ratio * beta_s) q.k and A = D Ti, the intra-chunk attention; G = Gamma K; the queries
+    carried to the chunk start q~ = Gamma q - A G; W = (gamma_end / gamma_s) beta_s k_s and the keys carried to
+    its end kappa = Ti^T W. All [C, C] or [C, BK]."""
+    kk = tl.dot(kc, tl.trans(kc))
+    Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * kk, 0)
+    Ti = _unit_lower_inverse(Tm, rc, C)
+    D = ratio * bc[None, :] * qk
+    A = tl.dot(D, Ti)
+    G = gamma[:, None] * kc
+    q_start = gamma[:, None] * qc - tl.dot(A, G)
+    W = (to_end * bc)[:, None] * kc
+    kappa = tl.dot(tl.trans(Ti), W)
+    return kk, Tm, Ti, D, A, G, q_start, W, kappa
+
+
+@triton.jit
+def _delta_bwd(qc, kc, bc, ratio, gamma, to_end, qk, kk, Tm, Ti, D, A, G, W, kappa, dA, dq_start, dkappa, dP,
+               dq_c, dcum, rc):
+    """The delta rule's gradients through `_delta_terms` and P_end = gamma_end I - kappa^T G, given those of A,
+    q~, kappa and P_end: dq, dk, dbeta [C] and d log gamma (``dcum``), and the part of the latter that
+    kappa's gamma_end / gamma_s adds to gamma_end (``t_end``)."""
+    dkappa -= tl.dot(G, tl.trans(dP))
+    dG = -tl.dot(kappa, dP) - tl.dot(tl.trans(A), dq_start)
+    dA -= tl.dot(dq_start, tl.trans(G))
+    dk_c = gamma[:, None] * dG
+    dcum += gamma * tl.sum(kc * dG, axis=1)
+    dD = tl.dot(dA, tl.trans(Ti))
+    dTi = tl.dot(tl.trans(D), dA) + tl.dot(W, tl.trans(dkappa))
+    dW = tl.dot(Ti, dkappa)
+    dTm = tl.where(rc[:, None] > rc[None, :], -tl.dot(tl.dot(tl.trans(Ti), dTi), tl.trans(Ti)), 0)
+    U = dTm * ratio * bc[None, :]
+    dk_c += tl.dot(U, kc) + tl.dot(tl.trans(U), kc)
+    V2 = dD * ratio * bc[None, :]
+    dq_c += tl.dot(V2, kc)
+    dk_c += tl.dot(tl.trans(V2), qc)
+    dbeta_c = tl.sum(dTm * ratio * kk, axis=0) + tl.sum(dD * ratio * qk, axis=0)
+    X = dTm * Tm + dD * D
+    dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
+    kdW = tl.sum(kc * dW, axis=1)
+    dk_c += (to_end * bc)[:, None] * dW
+    dbeta_c += to_end * kdW
+    return dq_c, dk_c, dbeta_c, dcum, to_end * bc * kdW
+
+
+@triton.jit
+def _diagonal_bwd(qc, kc, ratio, to_end, A, dA, dkappa, dq_c, dcum):
+    """The diagonal transition's counterpart of `_delta_bwd` (A = ratio * q.k, kappa = (gamma_end / gamma_s) k)."""
+    dR = dA * ratio
+    dq_c += tl.dot(dR, kc)
+    dk_c = tl.dot(tl.trans(dR), qc)
+    X = dA * A
+    dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
+    dk_c += to_end[:, None] * dkappa
+    return dq_c, dk_c, dcum, to_end * tl.sum(kc * dkappa, axis=1)
+
+
+@triton.jit
 def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
                      L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, BL: tl.constexpr, DELTA: tl.constexpr, STORE: tl.constexpr):
@@ -75,11 +134,7 @@ def chunk_fwd_kernel(q, k, v, g, beta, lam, sigma, work, o, starts, T, H, scale,
             q, k, v, g, lam, sigma, i_bh, i_b, i_h, c, T, H, rc, rk, rv, rl, L, C, DK, DV)
         if DELTA:
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
-            Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * tl.dot(kc, tl.trans(kc)), 0)
-            Ti = _unit_lower_inverse(Tm, rc, C)
-            A = tl.dot(ratio * bc[None, :] * qk, Ti)
-            q_start = gamma[:, None] * qc - tl.dot(A, gamma[:, None] * kc)
-            kappa = tl.dot(tl.trans(Ti), (to_end * bc)[:, None] * kc)
+            _, _, _, _, A, _, q_start, _, kappa = _delta_terms(qc, kc, bc, ratio, gamma, to_end, qk, rc, C)
         else:
             A = ratio * qk
             q_start = gamma[:, None] * qc
@@ -159,15 +214,7 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
         doc = scale * tl.load(do + tok_rows[:, None] * DV + rv[None, :], mask=mtv, other=0)
         if DELTA:  # recompute the forward's A, q~, kappa and P_end
             bc = tl.load(beta + tok_rows, mask=mt, other=0)
-            kk = tl.dot(kc, tl.trans(kc))
-            Tm = tl.where(rc[:, None] > rc[None, :], ratio * bc[None, :] * kk, 0)
-            Ti = _unit_lower_inverse(Tm, rc, C)
-            D = ratio * bc[None, :] * qk
-            A = tl.dot(D, Ti)
-            G = gamma[:, None] * kc
-            q_start = gamma[:, None] * qc - tl.dot(A, G)
-            W = (to_end * bc)[:, None] * kc
-            kappa = tl.dot(tl.trans(Ti), W)
+            kk, Tm, Ti, D, A, G, q_start, W, kappa = _delta_terms(qc, kc, bc, ratio, gamma, to_end, qk, rc, C)
             eye = tl.where(rk[:, None] == rk[None, :], 1.0, 0.0)
             P_end = tl.exp(end) * eye - tl.dot(tl.trans(kappa), G)
         else:
@@ -217,35 +264,10 @@ def chunk_bwd_kernel(q, k, v, g, beta, lam, sigma, starts, do, dwork, dq, dk, dv
         dq_c = gamma[:, None] * dq_start
         dcum = gamma * tl.sum(qc * dq_start, axis=1)
         if DELTA:
-            dkappa -= tl.dot(G, tl.trans(dP))
-            dG = -tl.dot(kappa, dP) - tl.dot(tl.trans(A), dq_start)
-            dA -= tl.dot(dq_start, tl.trans(G))
-            dk_c = gamma[:, None] * dG
-            dcum += gamma * tl.sum(kc * dG, axis=1)
-            dD = tl.dot(dA, tl.trans(Ti))
-            dTi = tl.dot(tl.trans(D), dA) + tl.dot(W, tl.trans(dkappa))
-            dW = tl.dot(Ti, dkappa)
-            dTm = tl.where(rc[:, None] > rc[None, :], -tl.dot(tl.dot(tl.trans(Ti), dTi), tl.trans(Ti)), 0)
-            U = dTm * ratio * bc[None, :]
-            dk_c += tl.dot(U, kc) + tl.dot(tl.trans(U), kc)
-            V2 = dD * ratio * bc[None, :]
-            dq_c += tl.dot(V2, kc)
-            dk_c += tl.dot(tl.trans(V2), qc)
-            dbeta_c = tl.sum(dTm * ratio * kk, axis=0) + tl.sum(dD * ratio * qk, axis=0)
-            X = dTm * Tm + dD * D
-            dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
-            kdW = tl.sum(kc * dW, axis=1)
-            dk_c += (to_end * bc)[:, None] * dW
-            dbeta_c += to_end * kdW
-            t_end = to_end * bc * kdW
+            dq_c, dk_c, dbeta_c, dcum, t_end = _delta_bwd(qc, kc, bc, ratio, gamma, to_end, qk, kk, Tm, Ti, D, A,
+                                                          G, W, kappa, dA, dq_start, dkappa, dP, dq_c, dcum, rc)
         else:
-            dR = dA * ratio
-            dq_c += tl.dot(dR, kc)
-            dk_c = tl.dot(tl.trans(dR), qc)
-            X = dA * A
-            dcum += tl.sum(X, axis=1) - tl.sum(X, axis=0)
-            dk_c += to_end[:, None] * dkappa
-            t_end = to_end * tl.sum(kc * dkappa, axis=1)
+            dq_c, dk_c, dcum, t_end = _diagonal_bwd(qc, kc, ratio, to_end, A, dA, dkappa, dq_c, dcum)
         dend += tl.sum(t_end, axis=0)
         dcum -= t_end
         dcum += tl.where(rc == last, dend, 0)
