@@ -175,7 +175,7 @@ def record_layer(model, text: Text, layer: int) -> OpInputs:
             model(text.ids[None], cu_seqlens=text.cu_seqlens)
     finally:
         del mixer.attend
-    config = dataclasses.replace(mixer.config.dla, threshold=tuple(mixer.tau.tolist()))
+    config = mixer.op_config()
     return OpInputs(**found, config=config, cu_seqlens=text.cu_seqlens.numpy())
 
 

@@ -6,7 +6,8 @@ Each cache is first filled to the context length: the Transformer's KV cache wit
 of that length, DLA's cache with a full set of K random states at that position (what any context of
 that length leaves; a decode step's cost does not depend on the contents); the gated delta model's state
 does not grow, so its cache is its state after a short prompt. Then the next tokens are decoded one at a
-time. Writes OUT.json and OUT.png and prints a markdown table.
+time. Then one layer's one-token op alone, in MLX and in PyTorch, against the single-state base of each.
+Writes OUT.json and OUT.png and prints a markdown table.
 
     python scripts/bench_decode.py --lengths 512 2048 8192 32768 --out bench/decode_cpu
 """
@@ -14,6 +15,7 @@ time. Writes OUT.json and OUT.png and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import time
@@ -21,15 +23,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import torch
 from mlx_lm.models import llama, qwen3_next
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gated_delta import gated_delta_ops
 
+import dla_torch
 from dla_mlx import dla_attention
 from dla_mlx.models import dla_gated_deltanet as dla
 from dla_mlx.models.base import dla_mixers, set_state
 from dla_shared import DLAConfig, DLAState
 from dla_shared.plot import pyplot
+from dla_torch.ops.attention import empty_state as torch_empty_state
 
 
 def dla_model(width, layers, heads, capacity):
@@ -121,16 +126,54 @@ def op_latency(heads, dim, capacity, steps):
                                              output_final_state=True)[1].S
     runs = {"dla_step": dla("step"), "dla_reference": dla("reference"),
             "gated_delta_ops": lambda: gated_delta_ops(q, k, v, mx.exp(g), beta, state.S[:, :, 0])[1]}
-    times = {}
-    for name, fn in runs.items():
-        samples = []
-        for i in range(steps + 2):
-            start = time.perf_counter()
-            mx.eval(fn())
-            if i >= 2:
-                samples.append(time.perf_counter() - start)
-        times[name] = float(np.median(samples))
-    return times
+    return {name: median_seconds(lambda fn=fn: mx.eval(fn()), steps) for name, fn in runs.items()}
+
+
+def torch_op_latency(heads, dim, capacity, steps):
+    """The same for dla_torch (one thread): the step (what decoding uses), the chunk path at T = 1 (what it
+    used before), the reference, and fla's pure-torch recurrent gated delta rule for one token (one state)."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, heads, dim, generator=gen) for _ in range(3))
+    k = k / k.norm(dim=-1, keepdim=True)
+    g, beta = -0.1 * torch.rand(1, 1, heads, generator=gen), torch.rand(1, 1, heads, generator=gen)
+    config = DLAConfig(policy="dla", capacity=capacity)
+    L = config.num_slots
+    state = torch_empty_state(1, heads, L, dim, dim)
+    state.S.normal_(generator=gen).mul_(0.1)
+    state.n.fill_(17)
+    state.ibar.uniform_(generator=gen)
+    state.pos.fill_(17 * L)
+    lam = torch.ones(1, 1, heads, L)
+    naive = fla_recurrent()
+    dla = lambda impl: lambda: dla_torch.dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state,
+                                                       impl=impl, output_final_state=True, check_decay=False)
+    runs = {"dla_step": dla("step"), "dla_chunk": dla("chunk"), "dla_reference": dla("reference"),
+            "fla_recurrent": lambda: naive(q, k, v, beta, g, initial_state=state.S[:, :, 0],
+                                           output_final_state=True)}
+    with torch.no_grad():
+        return {name: median_seconds(fn, steps) for name, fn in runs.items()}
+
+
+def fla_recurrent():
+    """fla's pure-torch ``naive_recurrent_gated_delta_rule``, loaded by file path (fla's package __init__ needs a
+    GPU stack)."""
+    path = Path(importlib.util.find_spec("fla").origin).parent / "ops" / "gated_delta_rule" / "naive.py"
+    spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.naive_recurrent_gated_delta_rule
+
+
+def median_seconds(fn, steps):
+    """Median seconds of ``fn()`` over ``steps`` calls, after two warm-up calls."""
+    samples = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        fn()
+        if i >= 2:
+            samples.append(time.perf_counter() - start)
+    return float(np.median(samples))
 
 
 def state_bytes(cache):
@@ -162,10 +205,13 @@ def main(argv=None):
             print(rows[-1], flush=True)
     ops = op_latency(args.heads, args.width // args.heads, args.capacity, args.steps)
     print(ops, flush=True)
+    torch_ops = torch_op_latency(args.heads, args.width // args.heads, args.capacity, args.steps)
+    print(torch_ops, flush=True)
     meta = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__} | vars(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "one_layer_op_s": ops}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "one_layer_op_s": ops,
+                                                     "torch_one_layer_op_s": torch_ops}, indent=2))
     plot(rows, meta, out.with_suffix(".png"))
     by = {(r["T"], r["model"]): r for r in rows}
     print("| context | DLA ms/token | Transformer ms/token | gated delta ms/token | DLA / Transformer | "
@@ -181,6 +227,9 @@ def main(argv=None):
     print(f"one layer's op: DLA step {1e3 * ops['dla_step']:.2f} ms ({ops['dla_step'] / base:.1f}x mlx-lm's gated "
           f"delta ops), DLA reference {1e3 * ops['dla_reference']:.2f} ms ({ops['dla_reference'] / base:.1f}x), "
           f"gated delta ops {1e3 * base:.3f} ms")
+    base = torch_ops["fla_recurrent"]
+    print("torch, one layer's op, one thread: " + ", ".join(
+        f"{name} {1e3 * t:.2f} ms ({t / base:.1f}x fla's recurrent)" for name, t in torch_ops.items()))
     return 0
 
 

@@ -140,6 +140,10 @@ def _merge_pair(config, n, ibar) -> int:
     return m - 2 - int(np.argmin(density[::-1]))
 
 
+def _astype(x, dtype):
+    return x.astype(dtype) if hasattr(x, "astype") else x.to(dtype)  # torch tensors have no astype
+
+
 def _trailing_ones(x: int) -> int:
     return (~x & (x + 1)).bit_length() - 1
 
@@ -160,15 +164,16 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
     calls `step` itself, so the two check each other).
 
     n [B, H, L], ibar [B, H, L], pos [B], score [B, H] (ignored where the cache is empty), active
-    bool [B] (False = padding: nothing changes): numpy arrays, or arrays of the namespace ``xp`` (e.g.
-    ``mlx.core``, so that the decisions stay on the device; then the caller refuses a fenwick cache that
-    overflows, with `check_levels`, since this raises only for numpy). ``ibar`` keeps the dtype it came in,
+    bool [B] (False = padding: nothing changes): numpy arrays, or arrays of the namespace ``xp``
+    (``mlx.core``, or `dla_torch.ops.step.Torch` for torch tensors, so that the decisions stay on the device;
+    then the caller refuses a fenwick cache that overflows, with `check_levels`, since this raises only for
+    numpy). ``ibar`` keeps the dtype it came in,
     so that a continued sequence rounds the same way.
     """
     B, H, L = n.shape
     slots = xp.arange(L)
     empty = ~(n > 0).any(-1)
-    score = xp.where(empty, 0, score).astype(ibar.dtype)  # an empty cache: I = 0
+    score = _astype(xp.where(empty, 0, score), ibar.dtype)  # an empty cache: I = 0
     on = xp.broadcast_to(active[:, None], (B, H))
     opened = on & (empty | opens(config, pos[:, None], score, xp))
     moves = on & ~empty & opened  # a state opens in a cache that holds some: everything moves
@@ -176,7 +181,7 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
     dest = xp.zeros_like(n) + slots
     if config.policy == "fenwick":
         # Levels 0..j fold into j + 1, j = the trailing ones of pos - 1 = the trailing zeros of pos.
-        j = xp.round(xp.log2(xp.maximum(pos & -pos, 1).astype(xp.float32))).astype(pos.dtype)[:, None]
+        j = _astype(xp.round(xp.log2(_astype(xp.maximum(pos & -pos, 1), xp.float32))), pos.dtype)[:, None]
         if xp is np and (moves & (j + 1 >= L)).any():
             p = int(pos[np.nonzero(moves & (j + 1 >= L))[0][0]])
             raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
@@ -192,7 +197,7 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
             total_n = n[..., :-1] + n[..., 1:]
             density = xp.where(slots[:-1] < (m - 1)[..., None],
                                (ibar[..., :-1] + ibar[..., 1:]) / xp.maximum(total_n, 1), xp.inf)
-            pair = L - 2 - xp.argmin(density[..., ::-1], axis=-1).astype(m.dtype)
+            pair = L - 2 - _astype(xp.argmin(xp.flip(density, axis=-1), axis=-1), m.dtype)
         merged = xp.where(full[..., None] & (slots > pair[..., None]), slots - 1, slots)
         dest = xp.where(moves[..., None], xp.minimum(merged + 1, L - 1), dest)
         merge_slot = xp.where(full, pair + 1, -1)

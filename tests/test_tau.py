@@ -111,6 +111,19 @@ def test_the_op_runs_with_each_heads_tau(kind, monkeypatch):
     assert (oracle_logits(model, x, monkeypatch, 0.6) - expected).abs().max() > 1e-3  # the thresholds matter here
 
 
+def test_the_op_config_follows_tau_however_it_changes(tmp_path):
+    """The op's config is read from ``tau`` once and kept (no read per token); it follows an in-place change,
+    a loaded state dict and a replaced tensor."""
+    mixer = dla_mixers(tiny("gdn"))[0]
+    assert mixer.op_config() is mixer.op_config()
+    mixer.tau.copy_(torch.tensor([0.3, 1.0]))
+    assert mixer.op_config().threshold == pytest.approx((0.3, 1.0))
+    mixer.load_state_dict({**mixer.state_dict(), "tau": torch.tensor([0.5, 0.25])})
+    assert mixer.op_config().threshold == pytest.approx((0.5, 0.25))
+    mixer.tau = torch.tensor([2.0, 4.0])
+    assert mixer.op_config().threshold == (2.0, 4.0)
+
+
 # -- boundaries in training ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout, checkpointing", [("packed", False), ("packed", True), ("left-padded", False)],

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from dla_shared import DLAState
+from dla_shared import DLAConfig, DLAState
 from dla_torch.ops import dla_attention
 
 INIT_STD = 0.02  # transformers' and fla's initializer_range
@@ -115,10 +115,19 @@ class DLAMixer(nn.Module):
         self.register_buffer("tau", torch.tensor(config.dla.thresholds(config.num_heads), dtype=torch.float32))
         self.boundaries = None
 
+    def op_config(self) -> DLAConfig:
+        """The op's config with this layer's thresholds ``tau``; ``tau`` is read again only when it has
+        changed, since on CUDA a read waits for the device (a sync per layer and token when decoding)."""
+        cached = self.__dict__.get("_op_config")
+        if cached is None or cached[0] is not self.tau or cached[1] != self.tau._version:
+            config = dataclasses.replace(self.config.dla, threshold=tuple(self.tau.tolist()))
+            self.__dict__["_op_config"] = cached = (self.tau, self.tau._version, config)
+        return cached[2]
+
     def attend(self, q, k, v, g, lam, beta=None, *, cache: LayerCache | None, **kw):
         """`dla_attention` with one threshold per head (``tau``), continuing ``cache.state`` and updating it
         when a cache is given; ``kw`` (scale, mask, cu_seqlens) goes to the op. Returns o [B, T, H, Dv]."""
-        config = dataclasses.replace(self.config.dla, threshold=tuple(self.tau.tolist()))
+        config = self.op_config()
         initial = None if cache is None else cache.state
         before = (0, 0) if initial is None else boundary_counts(initial)
         o, state = dla_attention(q, k, v, g, lam, beta, config=config, initial_state=initial,

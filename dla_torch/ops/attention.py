@@ -12,9 +12,10 @@ from dla_shared.state import check_inputs
 
 from .chunk import dla_chunk
 from .reference import dla_reference
+from .step import dla_step
 from .triton import dla_triton
 
-IMPLS = {"reference": dla_reference, "chunk": dla_chunk, "triton": dla_triton}
+IMPLS = {"reference": dla_reference, "step": dla_step, "chunk": dla_chunk, "triton": dla_triton}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -33,13 +34,14 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         cu_seqlens: [N + 1] int offsets of N sequences packed in one row (B == 1).
         check_decay: refuse g > 0, which reads g on the host (a sync per call); the models, whose g is
             <= 0 by construction, pass False so that decoding never waits on the host.
-        impl: "reference" (token by token), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path
-            with Triton kernels: the decision scan, and for float32 the fused chunk forward and backward) or
-            "auto" (triton on CUDA, chunk elsewhere).
+        impl: "reference" (token by token), "step" (token by token with the decisions on the device: the
+            decode path), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path with Triton kernels: the
+            decision scan, and for float32 the fused chunk forward and backward) or "auto" (step for one
+            token; for more, triton on CUDA and chunk elsewhere).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
-        inputs) or None.
+        inputs; the bookkeeping on the states' device after "step", on the CPU otherwise) or None.
     """
     # mask and cu_seqlens may come as lists or numpy arrays, as the numpy oracle takes them
     mask, cu_seqlens = (x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
@@ -48,7 +50,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                                          is_float=torch.is_floating_point, scale=scale, array_type=torch.Tensor,
                                          check_decay=check_decay)
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "chunk"
+        impl = "step" if T == 1 else "triton" if q.is_cuda else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype
@@ -59,8 +61,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     if mask is not None:  # padding may hold anything; zeros keep NaN out of outputs and gradients
         keep = lambda x: None if x is None else torch.where(mask.to(x.device).view(B, T, *[1] * (x.dim() - 2)), x, 0)
         q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
-    state = (empty_state(N, H, L, Dk, Dv, dtype, q.device) if initial_state is None
-             else _cast_state(initial_state, dtype))
+    books = q.device if impl == "step" else torch.device("cpu")  # where the bookkeeping is read
+    state = (empty_state(N, H, L, Dk, Dv, dtype, q.device, books) if initial_state is None
+             else _cast_state(initial_state, dtype, books))
 
     run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale)
     inputs = (q, k, v, g, lam, beta, mask)
@@ -86,17 +89,19 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     return o.to(out_dtype), (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
-def empty_state(N, H, L, Dk, Dv, dtype=torch.float32, device=None) -> DLAState:
-    """A DLAState with no tokens: N sequences, H heads, L slots (the bookkeeping on the CPU)."""
+def empty_state(N, H, L, Dk, Dv, dtype=torch.float32, device=None, books="cpu") -> DLAState:
+    """A DLAState with no tokens: N sequences, H heads, L slots (the states on ``device``, the bookkeeping
+    on ``books``)."""
     return DLAState(torch.zeros(N, H, L, Dk, Dv, dtype=dtype, device=device),
-                    torch.zeros(N, H, L, dtype=torch.int64), torch.zeros(N, H, L, dtype=dtype),
-                    torch.zeros(N, dtype=torch.int64), torch.zeros(N, H, dtype=torch.int64))
+                    torch.zeros(N, H, L, dtype=torch.int64, device=books),
+                    torch.zeros(N, H, L, dtype=dtype, device=books),
+                    torch.zeros(N, dtype=torch.int64, device=books), torch.zeros(N, H, dtype=torch.int64, device=books))
 
 
-def _cast_state(state: DLAState, dtype) -> DLAState:
-    """States in ``dtype`` where they are; the bookkeeping on the CPU (int64, ibar in ``dtype``)."""
-    return DLAState(state.S.to(dtype), state.n.cpu().to(torch.int64), state.ibar.cpu().to(dtype),
-                    state.pos.cpu().to(torch.int64), state.opened.cpu().to(torch.int64))
+def _cast_state(state: DLAState, dtype, books) -> DLAState:
+    """States in ``dtype`` where they are; the bookkeeping on ``books`` (int64, ibar in ``dtype``)."""
+    return DLAState(state.S.to(dtype), state.n.to(books, torch.int64), state.ibar.to(books, dtype),
+                    state.pos.to(books, torch.int64), state.opened.to(books, torch.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:
