@@ -4,7 +4,7 @@
    T = --length) for every policy and both transitions, with per-head thresholds: relative RMS error of
    outputs, final states and gradients (DESIGN section 5: outputs 4e-3, gradients 1e-2), and of the outputs
    and states of the fused forward kernel (the no-gradient path); the boundary counts (`DLAState.opened`)
-   must be equal.
+   must be equal. And the decode step (impl="step") after a Triton prefill, against the reference.
 2. Speed at T = --length, bf16 inputs: forward and forward+backward of `triton` (policies fenwick and dla)
    and of fla's `chunk_log_linear_attn` and `chunk_gated_delta_rule` when fla is installed, as tokens/s.
 
@@ -76,6 +76,36 @@ def check(args, device):
                      "T": T, "dtype": str(dtype).split(".")[-1], "errors": errors,
                      "opened": s2.opened.tolist(), "opened_differ": opened_differ, "ok": ok})
         print(("ok  " if ok else "FAIL"), rows[-1], flush=True)
+    return rows + check_step(args, device, thresholds)
+
+
+def check_step(args, device, thresholds, steps=32):
+    """The decode step on the device (fp32): a Triton prefill of --check-length tokens, then one token per
+    call with impl="step", against the reference over the same tokens: outputs, final states, boundaries."""
+    rows = []
+    for policy in ("fenwick", "dla"):
+        for delta in (False, True):
+            T = args.check_length
+            config = DLAConfig(policy=policy, capacity=max(30, math.ceil(math.log2(T + steps)) + 1),
+                               threshold=thresholds)
+            x = make(T + steps, 1, args.heads, args.dim, config.num_slots, delta, torch.float32, device)
+            part = lambda s, e: [None if t is None else t[:, s:e] for t in x.values()]
+            with torch.no_grad():
+                _, state = dla_attention(*part(0, T), config=config, impl="triton", output_final_state=True)
+                o2, s2 = dla_attention(*part(T, T + steps), config=config, initial_state=state, impl="reference",
+                                       output_final_state=True)
+                outputs = []
+                for t in range(T, T + steps):
+                    o, state = dla_attention(*part(t, t + 1), config=config, initial_state=state, impl="step",
+                                             output_final_state=True)
+                    outputs.append(o)
+            errors = {"o": rel(o2, torch.cat(outputs, dim=1)), "S": rel(s2.S, state.S)}
+            opened_differ = int((state.opened.cpu() != s2.opened.cpu()).sum())
+            ok = all(e <= TOL["o"] for e in errors.values()) and opened_differ == 0
+            rows.append({"policy": policy, "transition": "delta" if delta else "diagonal", "against": "reference",
+                         "impl": "step", "T": T + steps, "dtype": "float32", "errors": errors,
+                         "opened": s2.opened.tolist(), "opened_differ": opened_differ, "ok": ok})
+            print(("ok  " if ok else "FAIL"), rows[-1], flush=True)
     return rows
 
 

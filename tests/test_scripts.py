@@ -34,8 +34,9 @@ def test_gpu_check_comparisons_run_on_cpu():
     """The correctness half of gpu_check.py, on the CPU through Triton's interpreter."""
     gpu_check = load_script("gpu_check")
     rows = gpu_check.check(argparse.Namespace(length=40, check_length=20, heads=1, dim=4), "cpu")
-    assert len(rows) == 10 and all(r["ok"] for r in rows)
-    assert {"dq", "dk", "dv", "dg", "dlam", "dbeta"} <= set(rows[-1]["errors"])
+    assert len(rows) == 14 and all(r["ok"] for r in rows)
+    assert [r.get("impl") for r in rows[-4:]] == ["step"] * 4
+    assert {"dq", "dk", "dv", "dg", "dlam", "dbeta"} <= set(rows[9]["errors"])
 
 
 def test_prepare_tiny_writes_a_split_corpus_and_tokenizer(tmp_path):
