@@ -29,11 +29,11 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     k, v, g, beta, poisoned = _contain(k, v, g, beta)
     L = state.S.shape[2]
     S, outputs = state.S, [mx.zeros((B, 0, H, v.shape[-1]), dtype=state.S.dtype)]
-    for c0 in range(0, T, chunk_size):
-        c1 = min(c0 + chunk_size, T)
+    chunks = [(c0, min(c0 + chunk_size, T)) for c0 in range(0, T, chunk_size)]
+    for (c0, c1), reach in zip(chunks, _reach(sigma, chunks, L)):
         part = lambda x: None if x is None else x[:, c0:c1]
         o, S = _one_chunk(part(q), part(k), part(v), part(g), part(lam), part(beta), S,
-                     sigma[:, :, c0:c1, : L + c1 - c0], scale)
+                          sigma[:, :, c0:c1, : L + c1 - c0], scale, reach)
         outputs.append(o)
     o = mx.where(poisoned[..., None], mx.nan, mx.concatenate(outputs, axis=1))
     S = mx.where(poisoned[:, -1:].transpose(0, 2, 1)[..., None, None], mx.nan, S) if T else S
@@ -51,6 +51,13 @@ def _contain(k, v, g, beta):
     return *map(zero, (k, v, g, beta)), mx.cumsum(bad.astype(mx.int32), axis=1) > 0
 
 
+def _reach(sigma, chunks, L) -> list[int]:
+    """Per chunk, 1 + the largest slot that holds one of its tokens at its end (`dla_torch.ops.chunk._reach`)."""
+    if not chunks:
+        return []
+    return (mx.max(sigma[:, :, mx.array([c1 - 1 for _, c1 in chunks]), L:], axis=(0, 1, 3)) + 1).tolist()
+
+
 def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     """The decisions (`dla_shared.scan`, on the host): ``sigma`` int32 [B, H, T, L + C] and the final
     bookkeeping (n, ibar, pos, opened). ``active`` is a numpy bool [B, T]."""
@@ -63,7 +70,7 @@ def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     return mx.array(sigma.astype(np.int32)), book
 
 
-def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
+def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
     """Outputs and end states of one chunk given its decisions (`dla_torch.ops.chunk._one_chunk`)."""
     L = S.shape[2]
     qh, kh, vh, lh = (x.transpose(0, 2, 1, 3) for x in (q, k, v, lam))  # [B, H, C, D]
@@ -93,7 +100,7 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
     # States at the chunk end: carried states moved by G then carried by P_end, plus the tokens.
     slots = mx.arange(L)
     G = (car[:, :, -1, None, :] == slots[:, None]).astype(S.dtype)  # [B, H, L(new), L(old)]
-    E = (tok[:, :, -1, None, :] == slots[:, None]).astype(S.dtype)  # [B, H, L, C]
+    E = (tok[:, :, -1, None, :] == slots[:reach, None]).astype(S.dtype)  # [B, H, reach, C]
     moved = mx.einsum("bhmi,bhikv->bhmkv", G, S)
     if beta is None:
         carried = mx.exp(end)[..., None, None] * moved
@@ -101,8 +108,8 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
         P_end = mx.exp(end)[..., None] * mx.eye(kh.shape[-1], dtype=q.dtype) - \
             kappa.swapaxes(-1, -2) @ (gamma[..., None] * kh)
         carried = mx.einsum("bhkl,bhmlv->bhmkv", P_end, moved)
-    S = carried + mx.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
-    return scale * o.transpose(0, 2, 1, 3), S
+    written = carried[:, :, :reach] + mx.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
+    return scale * o.transpose(0, 2, 1, 3), mx.concatenate([written, carried[:, :, reach:]], axis=2)
 
 
 def _unit_lower_inverse(T):

@@ -94,11 +94,20 @@ def _run_chunks(q, k, v, g, lam, beta, S, chunks, sigma, scale):
     B, _, H, _ = q.shape
     L = S.shape[2]
     outputs = [q.new_zeros(B, 0, H, S.shape[-1])]
-    for c0, c1 in chunks:
+    reach = _reach(sigma, chunks, L)
+    for (c0, c1), U in zip(chunks, reach):
         o, S = _one_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], lam[:, c0:c1], _part(beta, c0, c1),
-                     S, sigma[:, :, c0:c1, : L + c1 - c0].long(), scale)
+                          S, sigma[:, :, c0:c1, : L + c1 - c0].long(), scale, U)
         outputs.append(o)
     return torch.cat(outputs, dim=1), S
+
+
+def _reach(sigma, chunks, L) -> list[int]:
+    """Per chunk, 1 + the largest slot that holds one of its tokens at its end (one host read for all chunks):
+    the write touches only the slots below it, the newest ones (for fenwick, the levels up to it)."""
+    if not chunks:
+        return []
+    return (sigma[:, :, [c1 - 1 for _, c1 in chunks], L:].amax(dim=(0, 1, 3)).long() + 1).tolist()
 
 
 def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
@@ -110,8 +119,9 @@ def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     return torch.from_numpy(sigma).to(k.device), tuple(torch.from_numpy(x) for x in book)
 
 
-def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
-    """Outputs and end states of one chunk given its decisions (see the module docstring)."""
+def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
+    """Outputs and end states of one chunk given its decisions (see the module docstring); its tokens are
+    written into the slots below ``reach`` (`_reach`)."""
     L = S.shape[2]
     qh, kh, vh, lh = (x.transpose(1, 2) for x in (q, k, v, lam))  # [B, H, C, D]
     C = qh.shape[2]
@@ -140,7 +150,7 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
     o = (lam_tok * A) @ vh + torch.einsum("bhji,bhjk,bhikv->bhjv", lam_car, q_start, S)
     # States at the chunk end: carried states moved by G then carried by P_end, plus the tokens.
     G = torch.nn.functional.one_hot(car[:, :, -1], L).transpose(-1, -2).to(S)  # [B, H, L(new), L(old)]
-    E = torch.where(tok[:, :, -1, None, :] == torch.arange(L, device=q.device)[:, None], 1.0, 0.0).to(S)
+    E = torch.where(tok[:, :, -1, None, :] == torch.arange(reach, device=q.device)[:, None], 1.0, 0.0).to(S)
     moved = torch.einsum("bhmi,bhikv->bhmkv", G, S)
     if beta is None:
         carried = torch.exp(end)[..., None, None] * moved
@@ -148,8 +158,8 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale):
         P_end = torch.exp(end)[..., None] * torch.eye(kh.shape[-1], dtype=q.dtype, device=q.device) - \
             kappa.transpose(-1, -2) @ (gamma[..., None] * kh)
         carried = torch.einsum("bhkl,bhmlv->bhmkv", P_end, moved)
-    S = carried + torch.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
-    return scale * o.transpose(1, 2), S
+    carried[:, :, :reach] += torch.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
+    return scale * o.transpose(1, 2), carried
 
 
 def _part(x, c0, c1):
