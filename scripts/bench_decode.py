@@ -110,8 +110,8 @@ def decode_latency(model, cache, steps):
 
 
 def op_latency(heads, dim, capacity, steps):
-    """Median seconds of one layer's one-token op: DLA's (the step and the reference, from a full cache of K
-    states) and mlx-lm's gated delta ops path (one state), on the same shapes."""
+    """Median seconds of one layer's one-token op: DLA's (the MLX step, the C step, the reference, from a full
+    cache of K states) and mlx-lm's gated delta ops path (one state), on the same shapes."""
     mx.random.seed(1)
     q, k, v = (mx.random.normal((1, 1, heads, dim)) for _ in range(3))
     k = k / mx.linalg.norm(k, axis=-1, keepdims=True)
@@ -124,14 +124,15 @@ def op_latency(heads, dim, capacity, steps):
     lam = mx.ones((1, 1, heads, L))
     dla = lambda impl: lambda: dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state, impl=impl,
                                              output_final_state=True)[1].S
-    runs = {"dla_step": dla("step"), "dla_reference": dla("reference"),
+    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_reference": dla("reference"),
             "gated_delta_ops": lambda: gated_delta_ops(q, k, v, mx.exp(g), beta, state.S[:, :, 0])[1]}
     return {name: median_seconds(lambda fn=fn: mx.eval(fn()), steps) for name, fn in runs.items()}
 
 
 def torch_op_latency(heads, dim, capacity, steps):
-    """The same for dla_torch (one thread): the step (what decoding uses), the chunk path at T = 1 (what it
-    used before), the reference, and fla's pure-torch recurrent gated delta rule for one token (one state)."""
+    """The same for dla_torch (one thread): the torch step, the C step (what decoding on the CPU uses), the
+    chunk path at T = 1, the reference, and fla's pure-torch recurrent gated delta rule for one token (one
+    state)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, heads, dim, generator=gen) for _ in range(3))
@@ -148,7 +149,8 @@ def torch_op_latency(heads, dim, capacity, steps):
     naive = fla_recurrent()
     dla = lambda impl: lambda: dla_torch.dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state,
                                                        impl=impl, output_final_state=True, check_decay=False)
-    runs = {"dla_step": dla("step"), "dla_chunk": dla("chunk"), "dla_reference": dla("reference"),
+    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_chunk": dla("chunk"),
+            "dla_reference": dla("reference"),
             "fla_recurrent": lambda: naive(q, k, v, beta, g, initial_state=state.S[:, :, 0],
                                            output_final_state=True)}
     with torch.no_grad():
@@ -224,9 +226,9 @@ def main(argv=None):
     first, last = by[(args.lengths[0], "dla")], by[(args.lengths[-1], "dla")]
     print(f"DLA latency at {args.lengths[-1]} / at {args.lengths[0]}: {last['latency_s'] / first['latency_s']:.2f}")
     base = ops["gated_delta_ops"]
-    print(f"one layer's op: DLA step {1e3 * ops['dla_step']:.2f} ms ({ops['dla_step'] / base:.1f}x mlx-lm's gated "
-          f"delta ops), DLA reference {1e3 * ops['dla_reference']:.2f} ms ({ops['dla_reference'] / base:.1f}x), "
-          f"gated delta ops {1e3 * base:.3f} ms")
+    base = ops["gated_delta_ops"]
+    print("MLX, one layer's op: " + ", ".join(
+        f"{name} {1e3 * t:.2f} ms ({t / base:.1f}x mlx-lm's gated delta ops)" for name, t in ops.items()))
     base = torch_ops["fla_recurrent"]
     print("torch, one layer's op, one thread: " + ", ".join(
         f"{name} {1e3 * t:.2f} ms ({t / base:.1f}x fla's recurrent)" for name, t in torch_ops.items()))

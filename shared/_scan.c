@@ -9,73 +9,10 @@
  *   opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
  * Returns the position at which a fenwick cache runs out of levels (the wrapper raises), else 0.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "_common.h"
 
-enum { SINGLE = 0, FENWICK = 1, FIXED = 2, DLA = 3 };  /* dla_shared.policy.POLICY_IDS */
-
-typedef struct {
-    int policy, state_drift, merge_oldest;
-    long block_size;
-    double eps;
-    Py_ssize_t B, T, H, Dk, Dv, L, C;
-} Dims;
-
-static int trailing_ones(int64_t x) {
-    int j = 0;
-    while (x & 1) { x >>= 1; j++; }
-    return j;
-}
-
-/* The policy step of one cache (`dla_shared.policy.plan` for one row and head): fills dest [L] and
- * returns whether the token opens a state, or -1 when a fenwick cache has no level left.  pair_sum [L - 1]
- * holds ibar[i] + ibar[i + 1], summed in ibar's dtype as numpy does. */
-static int plan_step(const Dims *d, const int64_t *n, const double *pair_sum, int64_t pos, double score,
-                     double tau, int on, Py_ssize_t *dest) {
-    Py_ssize_t L = d->L, m = 0;
-    for (Py_ssize_t i = 0; i < L; i++) { dest[i] = i; m += n[i] > 0; }
-    int empty = m == 0, opens;
-    if (!on) return 0;
-    if (empty) return 1;
-    switch (d->policy) {
-        case SINGLE: opens = 0; break;
-        case FENWICK: opens = 1; break;
-        case FIXED: opens = pos % d->block_size == 0; break;
-        default: opens = score >= tau;
-    }
-    if (!opens) return 0;
-    if (d->policy == FENWICK) {  /* levels 0..j fold into level j + 1 */
-        int j = trailing_ones(pos - 1);
-        if (j + 1 >= L) return -1;
-        for (int i = 0; i <= j; i++) dest[i] = j + 1;
-        return 1;
-    }
-    Py_ssize_t pair = L;  /* no merge unless full */
-    if (m == L) {
-        if (d->merge_oldest) pair = m - 2;
-        else {  /* the least dense adjacent pair, ties to the oldest */
-            double best = INFINITY;
-            pair = L - 2;
-            for (Py_ssize_t i = m - 2; i >= 0; i--) {
-                int64_t total = n[i] + n[i + 1];
-                double density = pair_sum[i] / (double)(total > 1 ? total : 1);
-                if (density < best) { best = density; pair = i; }
-            }
-        }
-    }
-    for (Py_ssize_t i = 0; i < L; i++) {
-        Py_ssize_t merged = i > pair ? i - 1 : i;
-        dest[i] = merged + 1 < L - 1 ? merged + 1 : L - 1;
-    }
-    return 1;
-}
-
-#define DEFINE_SCAN(NAME, real, EXP, SQRT)                                                              \
-static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, const real *beta,       \
+#define DEFINE_SCAN(SUFFIX, real, EXP)                                                              \
+static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const real *g, const real *beta,       \
                     const uint8_t *active, real *X, const double *tau, int64_t *n_all, real *ibar_all,  \
                     const int64_t *pos_all, int64_t *opened, int16_t *sigma) {                          \
     Py_ssize_t T = d->T, H = d->H, Dk = d->Dk, Dv = d->Dv, L = d->L, C = d->C, W = L + C;              \
@@ -85,7 +22,6 @@ static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, 
     int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
     real *ibar_new = malloc(sizeof(real) * L);                                                         \
     int64_t overflow = 0;                                                                              \
-    const real size = (real)(Dk * Dv), eps = (real)d->eps;                                             \
     for (Py_ssize_t b = 0; b < d->B && !overflow; b++)                                                 \
     for (Py_ssize_t h = 0; h < H && !overflow; h++) {                                                  \
         real *Xh = X + (b * H + h) * Dk * Dv, *ibar = ibar_all + (b * H + h) * L;                      \
@@ -101,28 +37,7 @@ static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, 
                 for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
                     for (Py_ssize_t j = 0; j < Dv; j++) kX[j] += kt[i] * Xh[i * Dv + j];               \
             }                                                                                          \
-            /* the three sums per column first, so that the loop vectorizes without reordering */   \
-            for (Py_ssize_t j = 0; j < 3 * Dv; j++) acc[j] = 0;                                       \
-            for (Py_ssize_t i = 0; i < Dk; i++) {                                                      \
-                real bk = bt * kt[i];                                                                  \
-                for (Py_ssize_t j = 0; j < Dv; j++) {                                                  \
-                    real s = beta ? decay * (Xh[i * Dv + j] - bk * kX[j]) : decay * Xh[i * Dv + j];    \
-                    real tok = beta ? bt * (kt[i] * vt[j]) : kt[i] * vt[j];                            \
-                    S[i * Dv + j] = s;                                                                 \
-                    acc[j] += (double)s * s; acc[Dv + j] += (double)tok * tok; acc[2 * Dv + j] += (double)s * tok; \
-                }                                                                                      \
-            }                                                                                          \
-            double state_sq = 0, token_sq = 0, cross = 0;                                              \
-            for (Py_ssize_t j = 0; j < Dv; j++) {                                                      \
-                state_sq += acc[j]; token_sq += acc[Dv + j]; cross += acc[2 * Dv + j];                 \
-            }                                                                                          \
-            real ss = (real)state_sq, ts = (real)token_sq, cs = (real)cross, other_sq, other_cross;    \
-            if (d->state_drift) { other_sq = ss + ts + 2 * cs; other_cross = ss + cs; }                \
-            else { other_sq = ts; other_cross = cs; }                                                  \
-            real r_state = (real)1 / SQRT(ss / size + eps), r_other = (real)1 / SQRT(other_sq / size + eps); \
-            real dist_sq = r_other * r_other * other_sq + r_state * r_state * ss                       \
-                           - 2 * r_other * r_state * other_cross;                                      \
-            real score = SQRT(dist_sq > 0 ? dist_sq : 0) / (r_state * SQRT(ss) + eps);                 \
+            real score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);                   \
             int empty = 1, on = active[b * T + t];                                                     \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);            \
@@ -130,10 +45,7 @@ static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, 
             int opens = plan_step(d, n, pair_sum, pos, score, tau[h], on, dest);                         \
             if (opens < 0) { overflow = pos; break; }                                                  \
             if (opens && pos > 0) opened[b * H + h]++;                                                 \
-            for (Py_ssize_t i = 0; i < L; i++) { n_new[i] = 0; ibar_new[i] = 0; }                      \
-            for (Py_ssize_t j = 0; j < L; j++) { n_new[dest[j]] += n[j]; ibar_new[dest[j]] += ibar[j]; } \
-            memcpy(n, n_new, sizeof(int64_t) * L);                                                     \
-            memcpy(ibar, ibar_new, sizeof(real) * L);                                                  \
+            move_books_##SUFFIX(L, dest, n, ibar, n_new, ibar_new);                                    \
             if (on) {                                                                                  \
                 n[0] += 1; ibar[0] += score; pos += 1;                                                 \
                 for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
@@ -152,8 +64,8 @@ static int64_t NAME(const Dims *d, const real *k, const real *v, const real *g, 
     return overflow;                                                                                   \
 }
 
-DEFINE_SCAN(scan_f32, float, expf, sqrtf)
-DEFINE_SCAN(scan_f64, double, exp, sqrt)
+DEFINE_SCAN(f32, float, expf)
+DEFINE_SCAN(f64, double, exp)
 
 /* scan(policy, state_drift, merge_oldest, is_double, block_size, eps, dims (B, T, H, Dk, Dv, L, C), k, v, g,
  *      beta, active, X, tau, n, ibar, pos, opened, sigma) -> overflow position (0 if none) */

@@ -1,7 +1,8 @@
-"""The decode steps (decisions on the device; `dla_mlx.ops.step`, `dla_torch.ops.step`) against their
-backend's reference: the same decisions and bookkeeping exactly, outputs and states within rounding, every
-policy, both transitions, with merges active, padding, and continuation from a prefilled state; for torch also
-every gradient."""
+"""The decode steps against their backend's reference: ``step`` (decisions on the device; `dla_mlx.ops.step`,
+`dla_torch.ops.step`) and ``cpu`` (the same step compiled in C, `dla_shared.decode`): the same decisions and
+bookkeeping exactly, outputs and states within rounding, every policy, both transitions, with merges active,
+padding, and continuation from a prefilled state; for torch's step also every gradient. And which one
+``auto`` takes."""
 
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import torch
 import dla_mlx
 import dla_torch
 from dla_mlx.ops import attention as mlx_attention
+from dla_shared import decode
 from dla_torch.ops import attention as torch_attention
 
 from helpers import (
@@ -39,11 +41,19 @@ BACKENDS = {
                              cat=lambda xs: torch.cat(xs, dim=1)),
 }
 TOLS = {"float64": 1e-12, "float32": 1e-5}
+STEPS = ["step", pytest.param("cpu", marks=pytest.mark.skipif(not decode.available(), reason="built without a C "
+                                                                                            "compiler"))]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return BACKENDS[request.param]
+
+
+def tolerance(backend, impl, dtype):
+    """TOLS, but 1e-7 between MLX's float64 reference and the C step: mlx's exp is float32-accurate even on
+    float64 arrays (tests/test_references.py), while the C step takes a float64 exp (as torch and numpy do)."""
+    return 1e-7 if backend is BACKENDS["mlx"] and impl == "cpu" and dtype == "float64" else TOLS[dtype]
 
 
 def padded(B, T):
@@ -59,10 +69,11 @@ def assert_same_run(ref, step, tol):
     assert_states_close(state, state2, tol)  # the decisions (n, pos, opened) exactly
 
 
+@pytest.mark.parametrize("impl", STEPS)
 @pytest.mark.parametrize("dtype", TOLS)
 @pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_step_equals_the_reference(backend, policy, delta, dtype):
+def test_step_equals_the_reference(backend, policy, delta, dtype, impl):
     config = config_for(policy)
     x = make_inputs(config, 2, 40, 3, 5, 7, delta=delta, seed=3)
     inputs = [backend.array(x[n], backend.dtypes[dtype]) for n in NAMES]
@@ -71,12 +82,13 @@ def test_step_equals_the_reference(backend, policy, delta, dtype):
     ref = run("reference")
     if policy != "single":  # more states opened than the cache holds: merges happened
         assert int(ref[1].opened.max()) > config.num_slots
-    assert_same_run(ref, run("step"), TOLS[dtype])
+    assert_same_run(ref, run(impl), tolerance(backend, impl, dtype))
 
 
+@pytest.mark.parametrize("impl", STEPS)
 @pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_decoding_after_a_chunk_prefill_equals_the_reference(backend, policy, delta):
+def test_decoding_after_a_chunk_prefill_equals_the_reference(backend, policy, delta, impl):
     """Prefill 25 tokens with the chunk path, then decode one token per call, as a model does."""
     config = config_for(policy)
     x = backend.array(make_inputs(config, 2, 40, 3, 5, 7, delta=delta, seed=5))
@@ -89,9 +101,9 @@ def test_decoding_after_a_chunk_prefill_equals_the_reference(backend, policy, de
     state, outputs = prefilled, []
     for t in range(25, 40):
         o, state = backend.attention(*part(t, t + 1), config=config, mask=mask[:, t : t + 1], initial_state=state,
-                                     impl="step", output_final_state=True)
+                                     impl=impl, output_final_state=True)
         outputs.append(o)
-    assert_same_run(ref, (backend.cat(outputs), state), 1e-12)
+    assert_same_run(ref, (backend.cat(outputs), state), tolerance(backend, impl, "float64"))
 
 
 @pytest.mark.parametrize("delta", TRANSITIONS)
@@ -104,31 +116,64 @@ def test_torch_step_gradients_equal_the_reference(policy, delta):
     compare(config, tail, torch.float64, state=state, impl="step", mask=torch.tensor(padded(2, 30)))
 
 
-def test_auto_decodes_with_the_step(backend, monkeypatch):
+def count_calls(monkeypatch, impls):
+    """Replace ``impls``' "step" and "cpu" by counting wrappers; return the list of (impl, shape) calls."""
+    calls = []
+    for name in ("step", "cpu"):
+        def counted(*args, name=name, run=impls[name], **kw):
+            calls.append((name, tuple(args[0].shape)))
+            return run(*args, **kw)
+        monkeypatch.setitem(impls, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["built", "not-built"])
+def test_auto_decodes_with_a_step(backend, built, monkeypatch):
+    """One token: ``cpu`` where it was built (on the CPU, no gradient), else ``step``; more: the chunk path."""
     if backend.attention is dla_mlx.dla_attention and mx.metal.is_available():
         pytest.skip("with Metal, MLX's auto decodes with the Metal kernel (tests/test_metal.py)")
-    calls, step = [], backend.impls["step"]
-
-    def counted(*args, **kw):
-        calls.append(tuple(args[0].shape))
-        return step(*args, **kw)
-
-    monkeypatch.setitem(backend.impls, "step", counted)
+    if built and not decode.available():
+        pytest.skip("built without a C compiler")
+    if not built:
+        monkeypatch.setattr(decode, "_decode", None)
+    calls = count_calls(monkeypatch, backend.impls)
     config = config_for("dla")
     x = make_inputs(config, 1, 3, 2, 4, 4, seed=1)
     inputs = [backend.array(x[n], backend.dtypes["float32"]) for n in NAMES]
     backend.attention(*(a[:, :1] for a in inputs if a is not None), None, config=config)
     backend.attention(*(a for a in inputs if a is not None), None, config=config)
-    assert calls == [(1, 1, 2, 4)]  # one token: step; three: chunk
+    assert calls == [("cpu" if built else "step", (1, 1, 2, 4))]  # one token: a step; three: chunk
 
 
-def test_step_refuses_an_overflowing_fenwick_cache_as_the_reference_does(backend):
+def test_torch_auto_decodes_with_the_differentiable_step_when_gradients_are_needed(monkeypatch):
+    calls = count_calls(monkeypatch, torch_attention.IMPLS)
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32, requires_grad=True)
+    o, _ = dla_torch.dla_attention(*(x[n] for n in NAMES), config=config)
+    o.sum().backward()
+    assert calls == [("step", (1, 1, 2, 4))] and x["q"].grad is not None
+
+
+def test_cpu_refuses_what_it_cannot_do(monkeypatch):
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32, requires_grad=True)
+    with pytest.raises(ValueError, match="impl='cpu' computes no gradients; use impl='step'"):
+        dla_torch.dla_attention(*(x[n] for n in NAMES), config=config, impl="cpu")
+    monkeypatch.setattr(decode, "_decode", None)
+    for attention, array in ((dla_torch.dla_attention, to_torch), (dla_mlx.dla_attention, to_mlx)):
+        with pytest.raises(ValueError, match="impl='cpu' needs the compiled step .* use impl='step'"):
+            attention(*(None if x[n] is None else array(x[n].detach().numpy()) for n in NAMES), config=config,
+                      impl="cpu")
+
+
+@pytest.mark.parametrize("impl", STEPS)
+def test_step_refuses_an_overflowing_fenwick_cache_as_the_reference_does(backend, impl):
     config = config_for("fenwick", capacity=3)  # 3 levels hold 4 tokens
     x = make_inputs(config, 1, 6, 2, 4, 4, seed=1)
     inputs = [backend.array(x[n]) for n in NAMES]
     errors = []
-    for impl in ("reference", "step"):
+    for run in ("reference", impl):
         with pytest.raises(ValueError, match="holds at most 4 tokens") as error:
-            backend.attention(*inputs, config=config, impl=impl)
+            backend.attention(*inputs, config=config, impl=run)
         errors.append(str(error.value))
     assert errors[0] == errors[1]

@@ -7,15 +7,15 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 
-from dla_shared import DLAConfig, DLAState
+from dla_shared import DLAConfig, DLAState, decode
 from dla_shared.state import check_inputs
 
 from .chunk import dla_chunk
 from .metal import dla_metal
 from .reference import dla_reference
-from .step import dla_step
+from .step import dla_cpu, dla_step
 
-IMPLS = {"reference": dla_reference, "step": dla_step, "chunk": dla_chunk, "metal": dla_metal}
+IMPLS = {"reference": dla_reference, "step": dla_step, "cpu": dla_cpu, "chunk": dla_chunk, "metal": dla_metal}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -35,9 +35,11 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         check_decay: refuse g > 0, which reads g on the host (a sync per call); the models, whose g is
             <= 0 by construction, pass False so that decoding never waits on the host.
         impl: "reference" (token by token), "step" (token by token with the decisions on the device, one
-            compiled step: the decode path), "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel
-            for one token, else the chunk path with the Metal decision scan) or "auto" (metal where Metal
-            exists and the inputs are not float64; elsewhere step for one token and chunk for more).
+            compiled step, differentiable), "cpu" (the step compiled in C, on the host; not differentiable),
+            "chunk" (chunkwise MLX ops), "metal" (the Metal decode kernel for one token, else the chunk path
+            with the Metal decision scan) or "auto" (metal where Metal exists and the inputs are not float64;
+            elsewhere, for one token, cpu where it was built and the default device is the CPU, else step;
+            chunk for more). The kernels (metal, cpu) compute no gradients: differentiate with step or chunk.
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -50,7 +52,12 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                                          is_float=lambda x: mx.issubdtype(x.dtype, mx.floating), scale=scale,
                                          array_type=mx.array, check_decay=check_decay)
     if impl == "auto":
-        impl = "metal" if mx.metal.is_available() and q.dtype != mx.float64 else "step" if T == 1 else "chunk"
+        if mx.metal.is_available() and q.dtype != mx.float64:
+            impl = "metal"
+        elif T == 1:
+            impl = "cpu" if decode.available() and mx.default_device() == mx.cpu else "step"
+        else:
+            impl = "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype

@@ -12,7 +12,9 @@ once and writes them once, with no host round trip:
 - the output is assembled from the moved ``reads``, so the new states are written and never read back.
 
 One `mx.compile`d step per (config, scale, transition). Not differentiable in the decisions (as everywhere);
-use the reference or the chunk path to train. Shapes as in `dla_mlx.dla_attention`.
+use the reference or the chunk path to train. `dla_cpu` runs the same step compiled in C on the host
+(`dla_shared.decode`, not differentiable), the CPU's counterpart of the Metal decode kernel. Shapes as in
+`dla_mlx.dla_attention`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
+import numpy as np
 
-from dla_shared import policy
+from dla_shared import decode, policy
 from dla_shared.state import DLAState
 
 
@@ -92,3 +95,21 @@ def _move(x, dest, config):
     # fixed, dla, single: old slot j goes to j or j + 1
     from_prev = mx.concatenate([mx.zeros_like(dest[..., :1]) != 0, dest[..., :-1] == slots[1:]], axis=-1)
     return mask(from_prev) * x[:, :, mx.maximum(slots - 1, 0)] + mask(dest == slots) * x
+
+
+def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
+    """`dla_step`'s computation compiled (`dla_shared.decode`, one token at a time, on the host; no gradient):
+    returns (o [B, T, H, Dv], final DLAState)."""
+    if not decode.available():
+        raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
+                         "(no C compiler); use impl='step'")
+    B, T, H, _ = q.shape
+    active = np.ones((B, T), bool) if mask is None else np.array(mask)
+    books = [np.array(getattr(state, f)) for f in DLAState.FIELDS]
+    outputs = [mx.zeros((B, 0, H, v.shape[-1]), dtype=q.dtype)]
+    for t in range(T):
+        o, *books = decode.decode(config, scale, *(np.array(a[:, t]) for a in (q, k, v, g, lam)),
+                                  None if beta is None else np.array(beta[:, t]), active[:, t], *books)
+        outputs.append(mx.array(o, dtype=q.dtype)[:, None])
+    dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS]  # numpy's float64 would come back as float32
+    return mx.concatenate(outputs, axis=1), DLAState(*(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))

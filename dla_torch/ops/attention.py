@@ -7,15 +7,15 @@ import dataclasses
 import numpy as np
 import torch
 
-from dla_shared import DLAConfig, DLAState
+from dla_shared import DLAConfig, DLAState, decode
 from dla_shared.state import check_inputs
 
-from .chunk import dla_chunk
+from .chunk import dla_chunk, needs_grad
 from .reference import dla_reference
-from .step import dla_step
+from .step import dla_cpu, dla_step
 from .triton import dla_triton
 
-IMPLS = {"reference": dla_reference, "step": dla_step, "chunk": dla_chunk, "triton": dla_triton}
+IMPLS = {"reference": dla_reference, "step": dla_step, "cpu": dla_cpu, "chunk": dla_chunk, "triton": dla_triton}
 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
@@ -35,9 +35,10 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         check_decay: refuse g > 0, which reads g on the host (a sync per call); the models, whose g is
             <= 0 by construction, pass False so that decoding never waits on the host.
         impl: "reference" (token by token), "step" (token by token with the decisions on the device: the
-            decode path), "chunk" (chunkwise, pure PyTorch), "triton" (the chunk path with Triton kernels: the
-            decision scan, and for float32 the fused chunk forward and backward) or "auto" (step for one
-            token; for more, triton on CUDA and chunk elsewhere).
+            decode path), "cpu" (the step compiled in C, for CPU tensors without gradients), "chunk"
+            (chunkwise, pure PyTorch), "triton" (the chunk path with Triton kernels: the decision scan, and for
+            float32 the fused chunk forward and backward) or "auto" (for one token, cpu where it applies and
+            was built, else step; for more, triton on CUDA and chunk elsewhere).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -50,7 +51,11 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
                                          is_float=torch.is_floating_point, scale=scale, array_type=torch.Tensor,
                                          check_decay=check_decay)
     if impl == "auto":
-        impl = "step" if T == 1 else "triton" if q.is_cuda else "chunk"
+        if T == 1:
+            grads = needs_grad(q, k, v, g, lam, beta, None if initial_state is None else initial_state.S)
+            impl = "cpu" if q.device.type == "cpu" and decode.available() and not grads else "step"
+        else:
+            impl = "triton" if q.is_cuda else "chunk"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
     out_dtype = q.dtype

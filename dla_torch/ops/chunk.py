@@ -50,7 +50,7 @@ def dla_chunk(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, ch
     k, v, g, beta, poisoned = _contain(k, v, g, beta)
     bounds = list(range(0, T, chunk_size)) + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
-    if not _needs_grad(q, k, v, g, lam, beta, state.S):
+    if not needs_grad(q, k, v, g, lam, beta, state.S):
         if fused_forward is not None:
             o, S = fused_forward(q, k, v, g, lam, beta, state.S, sigma, scale, chunk_size)
         else:
@@ -166,5 +166,5 @@ def _part(x, c0, c1):
     return None if x is None else x[:, c0:c1]
 
 
-def _needs_grad(*tensors):
+def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

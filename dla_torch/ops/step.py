@@ -11,7 +11,8 @@ that a token reads the K states once and writes them once, with no host round tr
 - the output is assembled from the moved ``reads``, so the new states are written and never read back.
 
 Eager torch ops: differentiable in q, k, v, g, beta, lam and the states as the reference is (not in the
-decisions). Shapes as in `dla_torch.dla_attention`.
+decisions). On the CPU without gradients `dla_cpu` runs the same step compiled (`dla_shared.decode`), the
+CPU's counterpart of the Triton and Metal kernels. Shapes as in `dla_torch.dla_attention`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import functools
 
 import torch
 
-from dla_shared import policy
+from dla_shared import decode, policy
 from dla_shared.state import DLAState
+
+from .chunk import needs_grad
 
 
 class Torch:
@@ -126,3 +129,25 @@ def _move(x, dest, config, decay):
     out = weight(dest == slots) * x
     out[:, :, 1:].addcmul_(weight(dest[..., :-1] == slots[1:]), x[:, :, :-1])
     return out
+
+
+def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
+    """`dla_step`'s computation compiled (`dla_shared.decode`, one token at a time): CPU tensors, no gradient;
+    returns (o [B, T, H, Dv], final DLAState)."""
+    if not decode.available():
+        raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
+                         "(no C compiler); use impl='step'")
+    if q.device.type != "cpu":
+        raise ValueError(f"impl='cpu' needs CPU tensors, got {q.device}; use impl='step'")
+    if needs_grad(q, k, v, g, lam, beta, state.S):
+        raise ValueError("impl='cpu' computes no gradients; use impl='step' (or run under torch.no_grad())")
+    B, T, H, _ = q.shape
+    active = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu()
+    x = lambda t: None if t is None else t.detach().numpy()
+    books = [x(getattr(state, f)) for f in DLAState.FIELDS]
+    outputs = [q.new_zeros(B, 0, H, v.shape[-1])]
+    for t in range(T):
+        o, *books = decode.decode(config, scale, *(x(a[:, t]) for a in (q, k, v, g, lam)),
+                                  None if beta is None else x(beta[:, t]), x(active[:, t]), *books)
+        outputs.append(torch.from_numpy(o)[:, None])
+    return torch.cat(outputs, dim=1), DLAState(*map(torch.from_numpy, books))

@@ -1,0 +1,43 @@
+"""One token of DLA for every (row, head) on the CPU, compiled (`_decode.c`, built at install with the decision
+scan when a C compiler is there): what `dla_torch.ops.step` and `dla_mlx.ops.step` run on the CPU when no
+gradient is needed. The same computation as their ops step (DESIGN section 2), reading the K states once and
+writing them once; not differentiable. `available()` says whether it was built."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import policy
+from .config import DLAConfig
+
+try:
+    from . import _decode
+except ImportError:  # built without a C compiler: the backends keep their ops steps
+    _decode = None
+
+
+def available() -> bool:
+    return _decode is not None
+
+
+def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n, ibar, pos, opened):
+    """One token; numpy arrays of one float dtype (float32 or float64; bookkeeping int64, ``ibar`` in that
+    dtype): q, k [B, H, Dk], v [B, H, Dv], g and beta (None: the diagonal transition) [B, H], lam [B, H, L],
+    active bool [B], S [B, H, L, Dk, Dv] and the bookkeeping of `DLAState` (n, ibar [B, H, L], pos [B], opened
+    [B, H]). Returns (o [B, H, Dv], S, n, ibar, pos, opened), new arrays; the inputs are left as they were."""
+    B, H, L, Dk, Dv = S.shape
+    dtype = S.dtype
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"S must be float32 or float64, got {dtype}")
+    c = lambda x, t=dtype: np.ascontiguousarray(x, t)
+    policy.check_levels(config, int((pos + active).max()))
+    out = np.empty_like(S, order="C")
+    o = np.empty((B, H, Dv), dtype)
+    n, ibar, pos, opened = (np.array(x, t, order="C") for x, t in ((n, np.int64), (ibar, dtype), (pos, np.int64),
+                                                                  (opened, np.int64)))
+    tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
+    _decode.decode(policy.POLICY_IDS[config.policy], config.score == "state_drift", config.merge == "oldest",
+                   dtype == np.float64, config.block_size, config.eps, float(scale), (B, H, Dk, Dv, L), c(q), c(k),
+                   c(v), c(g), b"" if beta is None else c(beta), c(lam), c(active, np.uint8), c(S), out, tau, n, ibar,
+                   pos, opened, o)
+    return o, out, n, ibar, pos, opened
