@@ -90,8 +90,9 @@ def empty_state(N, H, L, Dk, Dv, dtype=mx.float32) -> DLAState:
 
 
 def _cast_state(state: DLAState, dtype) -> DLAState:
-    return DLAState(state.S.astype(dtype), state.n.astype(mx.int64), state.ibar.astype(dtype),
-                    state.pos.astype(mx.int64), state.opened.astype(mx.int64))
+    cast = lambda x, d: x if x.dtype == d else x.astype(d)  # astype copies even to the same dtype
+    return DLAState(cast(state.S, dtype), cast(state.n, mx.int64), cast(state.ibar, dtype),
+                    cast(state.pos, mx.int64), cast(state.opened, mx.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:

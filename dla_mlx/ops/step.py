@@ -104,12 +104,14 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
     B, T, H, _ = q.shape
-    active = np.ones((B, T), bool) if mask is None else np.array(mask)
-    books = [np.array(getattr(state, f)) for f in DLAState.FIELDS]
+    inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
+    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, not once per read below
+    active = np.ones((B, T), bool) if mask is None else np.asarray(mask)
+    books = [np.asarray(getattr(state, f)) for f in DLAState.FIELDS]  # views of MLX's buffers, not copies
     outputs = [mx.zeros((B, 0, H, v.shape[-1]), dtype=q.dtype)]
     for t in range(T):
-        o, *books = decode.decode(config, scale, *(np.array(a[:, t]) for a in (q, k, v, g, lam)),
-                                  None if beta is None else np.array(beta[:, t]), active[:, t], *books)
+        o, *books = decode.decode(config, scale, *(np.asarray(a[:, t]) for a in (q, k, v, g, lam)),
+                                  None if beta is None else np.asarray(beta[:, t]), active[:, t], *books)
         outputs.append(mx.array(o, dtype=q.dtype)[:, None])
     dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS]  # numpy's float64 would come back as float32
     return mx.concatenate(outputs, axis=1), DLAState(*(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))
