@@ -32,7 +32,7 @@ import dla_torch
 from dla_mlx import dla_attention
 from dla_mlx.models import dla_gated_deltanet as dla
 from dla_mlx.models.base import dla_mixers, set_state
-from dla_shared import DLAConfig, DLAState
+from dla_shared import DLAConfig, DLAState, decode
 from dla_shared.plot import pyplot
 from dla_torch.ops.attention import empty_state as torch_empty_state
 
@@ -126,6 +126,8 @@ def op_latency(heads, dim, capacity, steps):
                                              output_final_state=True)[1].S
     runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_reference": dla("reference"),
             "gated_delta_ops": lambda: gated_delta_ops(q, k, v, mx.exp(g), beta, state.S[:, :, 0])[1]}
+    if not decode.available():  # built without a C compiler
+        del runs["dla_cpu"]
     return {name: median_seconds(lambda fn=fn: mx.eval(fn()), steps) for name, fn in runs.items()}
 
 
@@ -153,6 +155,8 @@ def torch_op_latency(heads, dim, capacity, steps):
             "dla_reference": dla("reference"),
             "fla_recurrent": lambda: naive(q, k, v, beta, g, initial_state=state.S[:, :, 0],
                                            output_final_state=True)}
+    if not decode.available():
+        del runs["dla_cpu"]
     with torch.no_grad():
         return {name: median_seconds(fn, steps) for name, fn in runs.items()}
 

@@ -3,6 +3,8 @@
 import argparse
 import json
 
+from dla_shared import decode
+
 from helpers import load_script
 
 
@@ -61,8 +63,12 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
     assert size[(256, "transformer")] > size[(64, "transformer")]
     assert size[(64, "gated_delta")] == size[(256, "gated_delta")]
     assert all(r["latency_s"] > 0 for r in rows) and "DLA latency at 256 / at 64" in capsys.readouterr().out
-    ops = json.loads(out.with_suffix(".json").read_text())["one_layer_op_s"]
-    assert set(ops) == {"dla_step", "dla_reference", "gated_delta_ops"} and min(ops.values()) > 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    cpu = {"dla_cpu"} if decode.available() else set()
+    ops, torch_ops = result["one_layer_op_s"], result["torch_one_layer_op_s"]
+    assert set(ops) == {"dla_step", "dla_reference", "gated_delta_ops"} | cpu and min(ops.values()) > 0
+    assert set(torch_ops) == {"dla_step", "dla_chunk", "dla_reference", "fla_recurrent"} | cpu
+    assert min(torch_ops.values()) > 0
 
 
 def test_check_metal_runs_every_kernel_through_the_harness(capsys):
