@@ -167,7 +167,9 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
     bool [B] (False = padding: nothing changes): numpy arrays, or arrays of the namespace ``xp``
     (``mlx.core``, or `dla_torch.ops.step.Torch` for torch tensors, so that the decisions stay on the device;
     then the caller refuses a fenwick cache that overflows, with `check_levels`, since this raises only for
-    numpy). ``ibar`` keeps the dtype it came in,
+    numpy). numpy compares float32 scores with the thresholds, and divides the pair sums, in float64, and so
+    does the torch namespace; MLX does both in float32 (its GPU has no float64), so at a float32 tie its step
+    can decide otherwise. ``ibar`` keeps the dtype it came in,
     so that a continued sequence rounds the same way.
     """
     B, H, L = n.shape
@@ -196,7 +198,7 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
         else:  # the least dense adjacent pair; ties to the oldest (largest index)
             total_n = n[..., :-1] + n[..., 1:]
             density = xp.where(slots[:-1] < (m - 1)[..., None],
-                               (ibar[..., :-1] + ibar[..., 1:]) / xp.maximum(total_n, 1), xp.inf)
+                               xp.divide(ibar[..., :-1] + ibar[..., 1:], xp.maximum(total_n, 1)), xp.inf)
             pair = L - 2 - _astype(xp.argmin(xp.flip(density, axis=-1), axis=-1), m.dtype)
         merged = xp.where(full[..., None] & (slots > pair[..., None]), slots - 1, slots)
         dest = xp.where(moves[..., None], xp.minimum(merged + 1, L - 1), dest)

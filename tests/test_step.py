@@ -154,6 +154,51 @@ def test_torch_auto_decodes_with_the_differentiable_step_when_gradients_are_need
     assert calls == [("step", (1, 1, 2, 4))] and x["q"].grad is not None
 
 
+@pytest.mark.parametrize("case", ["threshold", "density"])
+def test_torch_plan_compares_in_float64_as_numpy(case):
+    """float32 scores and ibar: numpy compares a score with the threshold, and divides the pair sums, in float64;
+    so must torch's plan. A score of float32(0.7) is below 0.7; the pair densities 1.0 / 3 and
+    float32(2/3) / 2 tie in float32 but not in float64 (then the newer pair merges)."""
+    from dla_shared import policy
+    from dla_torch.ops.step import Torch
+
+    if case == "threshold":
+        config = config_for("dla", capacity=4, threshold=0.7)
+        n, ibar = [[[3, 2, 0, 0]]], [[[0.5, 0.5, 0, 0]]]
+    else:
+        config = config_for("dla", capacity=4, threshold=0.5)
+        n, ibar = [[[2, 1, 1, 1]]], [[[0.5, 0.5, 0.16666669, 1.0]]]
+    inputs = (np.array(n), np.array(ibar, np.float32), np.array([5]), np.array([[0.7]], np.float32), np.array([True]))
+    want = policy.plan(config, *inputs)
+    got = policy.plan(config, *map(torch.tensor, inputs), xp=Torch(torch.device("cpu")))
+    assert want.opened.tolist() == got.opened.tolist() and want.merge_slot.tolist() == got.merge_slot.tolist()
+    assert want.opened.tolist() == [[case == "density"]]  # the cases are the ties they are meant to be
+    if case == "density":
+        assert want.merge_slot.tolist() == [[1]]
+
+
+def test_the_compiled_step_checks_its_array_shapes():
+    """`dla_shared.decode` refuses what its C loop would read out of bounds, naming the argument."""
+    config = config_for("dla")
+    L = config.num_slots
+    S = np.zeros((1, 2, L, 3, 4), np.float32)
+    args = dict(q=np.zeros((1, 2, 3)), k=np.zeros((1, 2, 3)), v=np.zeros((1, 2, 4)), g=np.zeros((1, 2)),
+                lam=np.ones((1, 2, L)), beta=None, active=np.ones(1, bool), S=S, n=np.zeros((1, 2, L), np.int64),
+                ibar=np.zeros((1, 2, L), np.float32), pos=np.zeros(1, np.int64), opened=np.zeros((1, 2), np.int64))
+    if decode.available():
+        decode.decode(config, 1.0, **args)
+        with pytest.raises(ValueError, match=r"lam must have shape \[1, 2, %d\]" % L):
+            decode.decode(config, 1.0, **(args | {"lam": np.ones((1, 2, L - 1))}))
+
+
+def test_cpu_on_an_empty_batch():
+    config = config_for("dla")
+    x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32)
+    o, state = dla_torch.dla_attention(*(None if x[n] is None else x[n][:0] for n in NAMES), config=config,
+                                       impl="cpu" if decode.available() else "step", output_final_state=True)
+    assert o.shape == (0, 1, 2, 4) and state.S.shape[0] == 0
+
+
 def test_cpu_refuses_what_it_cannot_do(monkeypatch):
     config = config_for("dla")
     x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32, requires_grad=True)

@@ -28,8 +28,10 @@ from .chunk import needs_grad
 
 
 class Torch:
-    """The numpy functions `dla_shared.policy` calls, for torch tensors on one device: torch makes arrays on a
-    device, flips by ``dims``, and takes only tensors in ``maximum``; the rest is torch's own."""
+    """The numpy functions `dla_shared.policy` calls, for torch tensors on one device, with numpy's results:
+    arrays are made on the device; thresholds and densities are compared in float64, as numpy promotes them;
+    ``maximum`` / ``minimum`` take Python numbers without a host-to-device copy (a sync on CUDA). The rest is
+    torch's own."""
 
     def __init__(self, device):
         self.device = device
@@ -43,22 +45,25 @@ class Torch:
     def full(self, shape, value):
         return torch.full(shape, value, device=self.device)
 
-    def array(self, x):  # the thresholds, compared in float64 as numpy does
+    def array(self, x):  # the thresholds: 1-D, so that a float32 score is promoted to float64 against it
         return _constant(x, self.device)
 
     def flip(self, x, axis):
         return torch.flip(x, (axis,))
 
+    def divide(self, x, y):  # numpy divides float32 by int64 in float64
+        return torch.div(x.double(), y)
+
     def maximum(self, x, y):
-        return torch.maximum(x, torch.as_tensor(y, dtype=x.dtype, device=x.device))
+        return x.clamp(min=y) if isinstance(y, (int, float)) else torch.maximum(x, y)
 
     def minimum(self, x, y):
-        return torch.minimum(x, torch.as_tensor(y, dtype=x.dtype, device=x.device))
+        return x.clamp(max=y) if isinstance(y, (int, float)) else torch.minimum(x, y)
 
 
 @functools.lru_cache(maxsize=64)
 def _constant(x, device):
-    return torch.tensor(x, dtype=torch.float64, device=device)
+    return torch.tensor(x, dtype=torch.float64, device=device).reshape(-1)
 
 
 def dla_step(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
@@ -117,7 +122,8 @@ def _step(q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, *, config, sca
 def _move(x, dest, config, decay):
     """New slot m holds decay times the sum of the old slots j with ``dest[j] == m``. x [B, H, L, ...], dest
     int [B, H, L] (`dla_shared.policy.Plan`), decay [B, H, 1]. A product and a shifted add (``fixed``, ``dla``,
-    ``single``: new slot m = old m - 1 and/or old m), or one fold (``fenwick``: levels 0..j into j + 1)."""
+    ``single``: new slot m = old m - 1 and/or old m), or one fold (``fenwick``: levels 0..j into j + 1); so,
+    unlike the reference's scatter, a non-finite state spreads NaN to its own cache's other slots."""
     L = dest.shape[-1]
     slots = torch.arange(L, device=x.device)
     mask = lambda m: m.to(x.dtype).view(*m.shape, *[1] * (x.dim() - 3))
