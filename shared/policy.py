@@ -167,9 +167,9 @@ def plan(config: DLAConfig, n, ibar, pos, score, active, xp=np) -> Plan:
     bool [B] (False = padding: nothing changes): numpy arrays, or arrays of the namespace ``xp``
     (``mlx.core``, or `dla_torch.ops.step.Torch` for torch tensors, so that the decisions stay on the device;
     then the caller refuses a fenwick cache that overflows, with `check_levels`, since this raises only for
-    numpy). numpy compares float32 scores with the thresholds, and divides the pair sums, in float64, and so
-    does the torch namespace; MLX does both in float32 (its GPU has no float64), so at a float32 tie its step
-    can decide otherwise. ``ibar`` keeps the dtype it came in,
+    numpy). numpy compares float32 scores with the thresholds, and divides the pair sums, in float64, and so do
+    the torch namespace and MLX's on the CPU (`dla_mlx.ops.step.Exact`); on its GPU, which has no float64, MLX's
+    step does both in float32, so at a float32 tie it can decide otherwise. ``ibar`` keeps the dtype it came in,
     so that a continued sequence rounds the same way.
     """
     B, H, L = n.shape

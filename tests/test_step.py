@@ -154,13 +154,17 @@ def test_torch_auto_decodes_with_the_differentiable_step_when_gradients_are_need
     assert calls == [("step", (1, 1, 2, 4))] and x["q"].grad is not None
 
 
+@pytest.mark.parametrize("namespace", ["torch", "mlx-cpu"])
 @pytest.mark.parametrize("case", ["threshold", "density"])
-def test_torch_plan_compares_in_float64_as_numpy(case):
+def test_plan_compares_in_float64_as_numpy(case, namespace):
     """float32 scores and ibar: numpy compares a score with the threshold, and divides the pair sums, in float64;
-    so must torch's plan. A score of float32(0.7) is below 0.7; the pair densities 1.0 / 3 and
-    float32(2/3) / 2 tie in float32 but not in float64 (then the newer pair merges)."""
+    so must the steps' plan (torch's, and MLX's on the CPU). A score of float32(0.7) is below 0.7; the pair
+    densities 1.0 / 3 and float32(2/3) / 2 tie in float32 but not in float64 (then the newer pair merges)."""
+    from dla_mlx.ops.step import Exact
     from dla_shared import policy
     from dla_torch.ops.step import Torch
+
+    array, xp = (torch.tensor, Torch(torch.device("cpu"))) if namespace == "torch" else (mx.array, Exact())
 
     if case == "threshold":
         config = config_for("dla", capacity=4, threshold=0.7)
@@ -170,7 +174,7 @@ def test_torch_plan_compares_in_float64_as_numpy(case):
         n, ibar = [[[2, 1, 1, 1]]], [[[0.5, 0.5, 0.16666669, 1.0]]]
     inputs = (np.array(n), np.array(ibar, np.float32), np.array([5]), np.array([[0.7]], np.float32), np.array([True]))
     want = policy.plan(config, *inputs)
-    got = policy.plan(config, *map(torch.tensor, inputs), xp=Torch(torch.device("cpu")))
+    got = policy.plan(config, *map(array, inputs), xp=xp)
     assert want.opened.tolist() == got.opened.tolist() and want.merge_slot.tolist() == got.merge_slot.tolist()
     assert want.opened.tolist() == [[case == "density"]]  # the cases are the ties they are meant to be
     if case == "density":

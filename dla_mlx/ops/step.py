@@ -37,7 +37,7 @@ def dla_step(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     active = mx.ones((B, T), dtype=mx.bool_) if mask is None else mask
     if config.policy == "fenwick":  # the one decision that can fail; a host sync for fenwick only
         policy.check_levels(config, int((state.pos + active.sum(1)).max()))
-    step = _compiled(config, float(scale), beta is not None)
+    step = _compiled(config, float(scale), beta is not None, mx.default_device() == mx.cpu)
     S, n, ibar, pos, opened = state.S, state.n, state.ibar, state.pos, state.opened
     outputs = [mx.zeros((B, 0, H, S.shape[-1]), dtype=S.dtype)]
     for t in range(T):
@@ -48,8 +48,22 @@ def dla_step(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     return mx.concatenate(outputs, axis=1), DLAState(S, n, ibar, pos, opened)
 
 
+class Exact:
+    """``mlx.core`` for `dla_shared.policy`, with numpy's float64 comparisons of float32 scores with the thresholds
+    and of the pair densities; for the CPU, as MLX's GPU has no float64."""
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def array(self, x):
+        return mx.array(x, dtype=mx.float64)
+
+    def divide(self, x, y):
+        return mx.divide(x.astype(mx.float64), y)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(config, scale: float, delta: bool):
+def _compiled(config, scale: float, delta: bool, cpu: bool):
     def step(q, k, v, g, lam, beta, active, S, n, ibar, pos, opened):
         """q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H] (beta ones for the diagonal transition); lam
         [B, H, L]; active bool [B]; S [B, H, L, Dk, Dv] and the bookkeeping of `DLAState`."""
@@ -61,8 +75,9 @@ def _compiled(config, scale: float, delta: bool):
         newest = S[:, :, 0] - k[..., :, None] * (b * reads[:, :, 0, 1:]) if delta else S[:, :, 0]
         newest = mx.stop_gradient(decay * newest)
         terms = [(x * y).sum((-2, -1)) for x, y in ((newest, newest), (token, token), (newest, token))]
-        score = policy.score_from_terms(config, *(mx.stop_gradient(x) for x in terms), Dk * Dv, xp=mx)
-        plan = policy.plan(config, n, ibar, pos, score, active, xp=mx)
+        xp = Exact() if cpu else mx
+        score = policy.score_from_terms(config, *(mx.stop_gradient(x) for x in terms), Dk * Dv, xp=xp)
+        plan = policy.plan(config, n, ibar, pos, score, active, xp=xp)
         # The K states as [B, H, L, Dk * Dv]: MLX's CPU kernels are much faster with fewer broadcast axes.
         flat = lambda x: x.reshape(*x.shape[:3], Dk * Dv)
         moved, reads = _move(flat(S), plan.dest, config), _move(reads, plan.dest, config)
