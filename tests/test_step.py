@@ -41,8 +41,8 @@ BACKENDS = {
                              cat=lambda xs: torch.cat(xs, dim=1)),
 }
 TOLS = {"float64": 1e-12, "float32": 1e-5}
-STEPS = ["step", pytest.param("cpu", marks=pytest.mark.skipif(not decode.available(), reason="built without a C "
-                                                                                            "compiler"))]
+needs_c = pytest.mark.skipif(not decode.available(), reason="the C step was not built (no C compiler)")
+STEPS = ["step", pytest.param("cpu", marks=needs_c)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -127,13 +127,11 @@ def count_calls(monkeypatch, impls):
     return calls
 
 
-@pytest.mark.parametrize("built", [True, False], ids=["built", "not-built"])
+@pytest.mark.parametrize("built", [pytest.param(True, marks=needs_c), False], ids=["built", "not-built"])
 def test_auto_decodes_with_a_step(backend, built, monkeypatch):
     """One token: ``cpu`` where it was built (on the CPU, no gradient), else ``step``; more: the chunk path."""
     if backend.attention is dla_mlx.dla_attention and mx.metal.is_available():
         pytest.skip("with Metal, MLX's auto decodes with the Metal kernel (tests/test_metal.py)")
-    if built and not decode.available():
-        pytest.skip("built without a C compiler")
     if not built:
         monkeypatch.setattr(decode, "_decode", None)
     calls = count_calls(monkeypatch, backend.impls)
@@ -181,25 +179,28 @@ def test_plan_compares_in_float64_as_numpy(case, namespace):
         assert want.merge_slot.tolist() == [[1]]
 
 
+@needs_c
 def test_the_compiled_step_checks_its_array_shapes():
     """`dla_shared.decode` refuses what its C loop would read out of bounds, naming the argument."""
     config = config_for("dla")
     L = config.num_slots
     S = np.zeros((1, 2, L, 3, 4), np.float32)
-    args = dict(q=np.zeros((1, 2, 3)), k=np.zeros((1, 2, 3)), v=np.zeros((1, 2, 4)), g=np.zeros((1, 2)),
-                lam=np.ones((1, 2, L)), beta=None, active=np.ones(1, bool), S=S, n=np.zeros((1, 2, L), np.int64),
-                ibar=np.zeros((1, 2, L), np.float32), pos=np.zeros(1, np.int64), opened=np.zeros((1, 2), np.int64))
-    if decode.available():
-        decode.decode(config, 1.0, **args)
-        with pytest.raises(ValueError, match=r"lam must have shape \[1, 2, %d\]" % L):
-            decode.decode(config, 1.0, **(args | {"lam": np.ones((1, 2, L - 1))}))
+    args = dict(q=np.zeros((1, 5, 2, 3)), k=np.zeros((1, 5, 2, 3)), v=np.zeros((1, 5, 2, 4)), g=np.zeros((1, 5, 2)),
+                lam=np.ones((1, 5, 2, L)), beta=None, active=np.ones((1, 5), bool), S=S,
+                n=np.zeros((1, 2, L), np.int64), ibar=np.zeros((1, 2, L), np.float32), pos=np.zeros(1, np.int64),
+                opened=np.zeros((1, 2), np.int64))
+    o, *_ = decode.decode(config, 1.0, **args)
+    assert o.shape == (1, 5, 2, 4)
+    with pytest.raises(ValueError, match=r"lam must have shape \[1, 5, 2, %d\]" % L):
+        decode.decode(config, 1.0, **(args | {"lam": np.ones((1, 5, 2, L - 1))}))
 
 
+@needs_c
 def test_cpu_on_an_empty_batch():
     config = config_for("dla")
     x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32)
     o, state = dla_torch.dla_attention(*(None if x[n] is None else x[n][:0] for n in NAMES), config=config,
-                                       impl="cpu" if decode.available() else "step", output_final_state=True)
+                                       impl="cpu", output_final_state=True)
     assert o.shape == (0, 1, 2, 4) and state.S.shape[0] == 0
 
 

@@ -118,15 +118,12 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     if not decode.available():
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
-    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, not once per read below
-    active = np.ones((B, T), bool) if mask is None else np.asarray(mask)
-    books = [np.asarray(getattr(state, f)) for f in DLAState.FIELDS]  # views of MLX's buffers, not copies
-    outputs = [mx.zeros((B, 0, H, v.shape[-1]), dtype=q.dtype)]
-    for t in range(T):
-        o, *books = decode.decode(config, scale, *(np.asarray(a[:, t]) for a in (q, k, v, g, lam)),
-                                  None if beta is None else np.asarray(beta[:, t]), active[:, t], *books)
-        outputs.append(mx.array(o, dtype=q.dtype)[:, None])
+    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, then read through views
+    x = lambda a: None if a is None else np.asarray(a)  # a view of MLX's buffer, not a copy
+    active = np.ones((B, T), bool) if mask is None else x(mask)
+    o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
+                              *(x(getattr(state, f)) for f in DLAState.FIELDS))
     dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS]  # numpy's float64 would come back as float32
-    return mx.concatenate(outputs, axis=1), DLAState(*(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))
+    return mx.array(o, dtype=q.dtype), DLAState(*(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))

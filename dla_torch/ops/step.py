@@ -6,8 +6,8 @@ that a token reads the K states once and writes them once, with no host round tr
 - q and k are contracted with the old states together (``reads`` [B, H, L, 2, Dv]);
 - the score needs only the newest state after its transition; the decisions are `dla_shared.policy.plan`
   in torch ops (the namespace `Torch`), from bookkeeping on the states' device;
-- moves commute with the transition, so the states move first, by a scatter-add over slots as in the
-  reference, and ``reads`` move with them;
+- moves commute with the transition, so the states move first, with the decay folded in (a product and a
+  shifted add, or one fold for fenwick), and ``reads`` move with them;
 - the output is assembled from the moved ``reads``, so the new states are written and never read back.
 
 Eager torch ops: differentiable in q, k, v, g, beta, lam and the states as the reference is (not in the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from dla_shared import decode, policy
@@ -108,8 +109,7 @@ def _step(q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, *, config, sca
     if beta is None:
         q_new = reads[:, :, :, 0]
     else:  # (I - beta k k^T) applied to the moved states (in place, one pass) and to their reads
-        B, H, L, Dk, Dv = S.shape
-        k_all = k[:, :, None, :, None].expand(B, H, L, Dk, 1).reshape(-1, Dk, 1)
+        k_all = k[:, :, None, :, None].expand(*S.shape[:-1], 1).reshape(-1, Dk, 1)
         moved.view(-1, Dk, Dv).baddbmm_(k_all, (b[..., None] * reads[:, :, :, 1:]).reshape(-1, 1, Dv), alpha=-1)
         q_new = reads[:, :, :, 0] - b * qk * reads[:, :, :, 1]
     moved[:, :, 0] += token
@@ -147,13 +147,9 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError(f"impl='cpu' needs CPU tensors, got {q.device}; use impl='step'")
     if needs_grad(q, k, v, g, lam, beta, state.S):
         raise ValueError("impl='cpu' computes no gradients; use impl='step' (or run under torch.no_grad())")
-    B, T, H, _ = q.shape
-    active = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu()
+    B, T = q.shape[:2]
     x = lambda t: None if t is None else t.detach().numpy()
-    books = [x(getattr(state, f)) for f in DLAState.FIELDS]
-    outputs = [q.new_zeros(B, 0, H, v.shape[-1])]
-    for t in range(T):
-        o, *books = decode.decode(config, scale, *(x(a[:, t]) for a in (q, k, v, g, lam)),
-                                  None if beta is None else x(beta[:, t]), x(active[:, t]), *books)
-        outputs.append(torch.from_numpy(o)[:, None])
-    return torch.cat(outputs, dim=1), DLAState(*map(torch.from_numpy, books))
+    active = np.ones((B, T), bool) if mask is None else x(mask.cpu())
+    o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
+                              *(x(getattr(state, f)) for f in DLAState.FIELDS))
+    return torch.from_numpy(o), DLAState(*map(torch.from_numpy, books))
