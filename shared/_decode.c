@@ -14,13 +14,42 @@
  */
 #include "_common.h"
 
+/* q^T X and k^T X of one state X [Dk, Dv] into rq, rk [Dv]. */
+#define DEFINE_READS(NAME, real)                                                                         \
+static inline void NAME(Py_ssize_t Dk, Py_ssize_t Dv, const real *restrict X, const real *restrict qt,   \
+                        const real *restrict kt, real *restrict rq, real *restrict rk) {                 \
+    for (Py_ssize_t c = 0; c < Dv; c++) { rq[c] = 0; rk[c] = 0; }                                      \
+    for (Py_ssize_t a = 0; a < Dk; a++) {                                                              \
+        const real *row = X + a * Dv, x = qt[a], y = kt[a];                                            \
+        for (Py_ssize_t c = 0; c < Dv; c++) { rq[c] += x * row[c]; rk[c] += y * row[c]; }              \
+    }                                                                                                  \
+}
+
+/* out (+)= the transition of X [Dk, Dv]: decay (X - beta k rk^T), or decay X for the diagonal transition
+ * (rk NULL); `add` sums into out. Inlined with constant flags, so each case is its own branch-free loop. */
+#define DEFINE_CARRY(NAME, real)                                                                         \
+static inline void NAME(Py_ssize_t Dk, Py_ssize_t Dv, const real *restrict X, const real *restrict kt,   \
+                        const real *restrict rk, real bt, real decay, int add, real *restrict out) {     \
+    for (Py_ssize_t a = 0; a < Dk; a++) {                                                              \
+        real bk = bt * kt[a];                                                                          \
+        const real *x = X + a * Dv;                                                                    \
+        real *y = out + a * Dv;                                                                        \
+        for (Py_ssize_t c = 0; c < Dv; c++) {                                                          \
+            real z = rk ? decay * (x[c] - bk * rk[c]) : decay * x[c];                                  \
+            y[c] = add ? y[c] + z : z;                                                                 \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
 #define DEFINE_DECODE(SUFFIX, real, EXP)                                                                  \
+DEFINE_READS(reads_##SUFFIX, real)                                                                       \
+DEFINE_CARRY(carry_##SUFFIX, real)                                                                       \
 static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const real *k, const real *v,    \
                                const real *g, const real *beta, const real *lam, const uint8_t *active,   \
                                const real *S, real *S_out, const double *tau, int64_t *n_all,             \
                                real *ibar_all, int64_t *pos_all, int64_t *opened, real *o) {              \
     Py_ssize_t H = d->H, Dk = d->Dk, Dv = d->Dv, L = d->L, size = Dk * Dv;                             \
-    real *reads = malloc(sizeof(real) * (2 * L * Dv + size)), *newest = reads + 2 * L * Dv;            \
+    real *rq = malloc(sizeof(real) * (2 * Dv + size)), *rk = rq + Dv, *newest = rk + Dv;               \
     Py_ssize_t *dest = malloc(sizeof(Py_ssize_t) * L);                                                 \
     double *pair_sum = malloc(sizeof(double) * L), *acc = malloc(sizeof(double) * 3 * Dv);             \
     int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
@@ -36,16 +65,8 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
             int64_t *n = n_all + bh * L;                                                               \
             real decay = EXP(g[bh]), bt = beta ? beta[bh] : (real)1, qk = 0;                           \
             for (Py_ssize_t a = 0; a < Dk; a++) qk += qt[a] * kt[a];                                   \
-            /* reads [L, 2, Dv]: q^T S_i, k^T S_i */                                                   \
-            for (Py_ssize_t j = 0; j < 2 * L * Dv; j++) reads[j] = 0;                                  \
-            for (Py_ssize_t i = 0; i < L; i++) {                                                       \
-                real *rq = reads + 2 * i * Dv, *rk = rq + Dv;                                          \
-                for (Py_ssize_t a = 0; a < Dk; a++) {                                                  \
-                    const real *row = Sh + i * size + a * Dv;                                          \
-                    for (Py_ssize_t c = 0; c < Dv; c++) { rq[c] += qt[a] * row[c]; rk[c] += kt[a] * row[c]; } \
-                }                                                                                      \
-            }                                                                                          \
-            real score = newest_##SUFFIX(d, Sh, kt, vt, beta ? reads + Dv : NULL, bt, decay, newest, acc); \
+            reads_##SUFFIX(Dk, Dv, Sh, qt, kt, rq, rk);  /* of slot 0, which the score needs */        \
+            real score = newest_##SUFFIX(d, Sh, kt, vt, beta ? rk : NULL, bt, decay, newest, acc);     \
             int empty = 1;                                                                             \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);      \
@@ -60,23 +81,20 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
                 continue;                                                                              \
             }                                                                                          \
             n[0] += 1; ibar[0] += score;                                                               \
-            /* the moves with the transition; the first old state into a slot sets it */              \
+            /* each old state, read then carried while it is in cache; the first into a slot sets it */ \
             memset(seen, 0, L);                                                                        \
             for (Py_ssize_t j = 0; j < L; j++) {                                                       \
                 Py_ssize_t m = dest[j];                                                                \
-                const real *src = Sh + j * size, *rk = reads + (2 * j + 1) * Dv;                       \
+                const real *X = Sh + j * size;                                                         \
+                if (j > 0) reads_##SUFFIX(Dk, Dv, X, qt, kt, rq, rk);                                  \
                 real *out = Oh + m * size;                                                             \
-                for (Py_ssize_t a = 0; a < Dk; a++) {                                                  \
-                    real bk = bt * kt[a];                                                              \
-                    for (Py_ssize_t c = 0; c < Dv; c++) {                                              \
-                        real x = beta ? decay * (src[a * Dv + c] - bk * rk[c]) : decay * src[a * Dv + c]; \
-                        out[a * Dv + c] = seen[m] ? out[a * Dv + c] + x : x;                           \
-                    }                                                                                  \
-                }                                                                                      \
+                if (beta && seen[m]) carry_##SUFFIX(Dk, Dv, X, kt, rk, bt, decay, 1, out);             \
+                else if (beta) carry_##SUFFIX(Dk, Dv, X, kt, rk, bt, decay, 0, out);                   \
+                else if (seen[m]) carry_##SUFFIX(Dk, Dv, X, kt, NULL, bt, decay, 1, out);              \
+                else carry_##SUFFIX(Dk, Dv, X, kt, NULL, bt, decay, 0, out);                           \
                 seen[m] = 1;                                                                           \
                 /* the output reads the moved state: lam[m] q^T (carried S_j) */                      \
                 real w = lam[bh * L + m];                                                              \
-                const real *rq = reads + 2 * j * Dv;                                                   \
                 for (Py_ssize_t c = 0; c < Dv; c++)                                                    \
                     ot[c] += w * (beta ? decay * (rq[c] - bt * qk * rk[c]) : decay * rq[c]);           \
             }                                                                                          \
@@ -90,7 +108,7 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
         }                                                                                              \
         if (!overflow) pos_all[b] += on;                                                               \
     }                                                                                                  \
-    free(reads); free(dest); free(pair_sum); free(acc); free(n_new); free(ibar_new); free(seen);       \
+    free(rq); free(dest); free(pair_sum); free(acc); free(n_new); free(ibar_new); free(seen);          \
     return overflow;                                                                                   \
 }
 
