@@ -20,17 +20,21 @@ def available() -> bool:
     return _decode is not None
 
 
-def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n, ibar, pos, opened):
+def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, *,
+           inplace: bool = False):
     """A [B, T] block, one token at a time; numpy arrays of one float dtype (float32 or float64; bookkeeping
     int64, ``ibar`` in that dtype): q, k [B, T, H, Dk], v [B, T, H, Dv], g and beta (None: the diagonal
     transition) [B, T, H], lam [B, T, H, L], active bool [B, T], S [B, H, L, Dk, Dv] and the bookkeeping of
     `DLAState` (n, ibar [B, H, L], pos [B], opened [B, H]). Returns (o [B, T, H, Dv], S, n, ibar, pos,
-    opened), new arrays; the inputs are left as they were."""
+    opened): the bookkeeping in new arrays; the states in a new array, or with ``inplace`` in S itself (then a
+    C-contiguous, writable array), which saves a copy of the K states where the caller made S its own."""
     B, H, L, Dk, Dv = S.shape
     T = np.shape(q)[1] if np.ndim(q) == 4 else 0
     dtype = S.dtype
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"S must be float32 or float64, got {dtype}")
+    if inplace and not (S.flags.c_contiguous and S.flags.writeable):
+        raise ValueError("inplace=True needs S C-contiguous and writable")
     expected = [("q", q, (B, T, H, Dk)), ("k", k, (B, T, H, Dk)), ("v", v, (B, T, H, Dv)), ("g", g, (B, T, H)),
                 ("beta", beta, (B, T, H)), ("lam", lam, (B, T, H, L)), ("active", active, (B, T)),
                 ("n", n, (B, H, L)), ("ibar", ibar, (B, H, L)), ("pos", pos, (B,)), ("opened", opened, (B, H))]
@@ -40,19 +44,20 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
                              f"got {list(np.shape(x))}")
     policy.check_levels(config, int((pos + np.sum(active, axis=1)).max(initial=0)))
     c = lambda x, t=dtype: np.ascontiguousarray(x, t)
+    S = S if inplace else np.array(S, order="C")
     n, ibar, pos, opened = (np.array(x, t, order="C") for x, t in ((n, np.int64), (ibar, dtype), (pos, np.int64),
                                                                   (opened, np.int64)))
     tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
     o = np.empty((B, T, H, Dv), dtype)
     for t in range(T):
-        out, o_t = np.empty_like(S, order="C"), np.empty((B, H, Dv), dtype)
+        o_t = np.empty((B, H, Dv), dtype)
         overflow = _decode.decode(
             policy.POLICY_IDS[config.policy], config.score == "state_drift", config.merge == "oldest",
             dtype == np.float64, config.block_size, config.eps, float(scale), (B, H, Dk, Dv, L), c(q[:, t]),
             c(k[:, t]), c(v[:, t]), c(g[:, t]), b"" if beta is None else c(beta[:, t]), c(lam[:, t]),
-            c(active[:, t], np.uint8), c(S), out, tau, n, ibar, pos, opened, o_t)
+            c(active[:, t], np.uint8), S, tau, n, ibar, pos, opened, o_t)
         if overflow:  # check_levels refuses it first; the loop stops at it too
             raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
                              f"position {overflow} needs a larger DLAConfig.capacity")
-        S, o[:, t] = out, o_t
-    return o, S if T else S.copy(), n, ibar, pos, opened
+        o[:, t] = o_t
+    return o, S, n, ibar, pos, opened

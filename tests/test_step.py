@@ -195,6 +195,42 @@ def test_the_compiled_step_checks_its_array_shapes():
         decode.decode(config, 1.0, **(args | {"lam": np.ones((1, 5, 2, L - 1))}))
 
 
+@pytest.mark.parametrize("impl", STEPS)
+def test_step_leaves_its_initial_state_as_it_was(backend, impl):
+    """The C step updates a copy of the states in place, never the caller's."""
+    config = config_for("dla")
+    x = backend.array(make_inputs(config, 2, 12, 3, 5, 7, seed=4))
+    _, state = backend.attention(*(None if x[n] is None else x[n][:, :11] for n in NAMES), config=config,
+                                 impl="chunk", output_final_state=True)
+    before = {f: to_numpy(getattr(state, f)).copy() for f in ("S", "n", "ibar", "pos", "opened")}
+    _, after = backend.attention(*(None if x[n] is None else x[n][:, 11:] for n in NAMES), config=config,
+                                 initial_state=state, impl=impl, output_final_state=True)
+    for f, want in before.items():
+        np.testing.assert_array_equal(to_numpy(getattr(state, f)), want, err_msg=f)
+    assert not np.array_equal(to_numpy(after.S), before["S"])
+
+
+@needs_c
+def test_the_compiled_step_in_place_equals_its_copy():
+    config = config_for("dla")
+    x = make_inputs(config, 2, 6, 3, 5, 7, seed=2)
+    L = config.num_slots
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((2, 3, L, 5, 7))
+    books = dict(n=np.full((2, 3, L), 2, np.int64), ibar=rng.random((2, 3, L)), pos=np.full(2, 2 * L, np.int64),
+                 opened=np.zeros((2, 3), np.int64))
+    args = [x[n] for n in NAMES]
+    o, S_new, *rest = decode.decode(config, 0.5, *args, np.ones((2, 6), bool), S, **books)
+    own = S.copy()
+    o2, S_own, *rest2 = decode.decode(config, 0.5, *args, np.ones((2, 6), bool), own, **books, inplace=True)
+    assert S_own is own and S_new is not S
+    for a, b in zip((o, S_new, *rest), (o2, own, *rest2)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="inplace=True needs S C-contiguous and writable"):
+        own.flags.writeable = False
+        decode.decode(config, 0.5, *args, np.ones((2, 6), bool), own, **books, inplace=True)
+
+
 @needs_c
 def test_cpu_on_an_empty_batch():
     config = config_for("dla")

@@ -119,11 +119,12 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
     B, T = q.shape[:2]
+    S = mx.array(state.S)  # a copy, which the C step then updates in place
     inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
-    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, then read through views
+    mx.eval(S, *inputs, *(getattr(state, f) for f in DLAState.FIELDS[1:]))  # once, then read through views
     x = lambda a: None if a is None else np.asarray(a)  # a view of MLX's buffer, not a copy
     active = np.ones((B, T), bool) if mask is None else x(mask)
-    o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
-                              *(x(getattr(state, f)) for f in DLAState.FIELDS))
-    dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS]  # numpy's float64 would come back as float32
-    return mx.array(o, dtype=q.dtype), DLAState(*(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))
+    o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
+                                 *(x(getattr(state, f)) for f in DLAState.FIELDS[1:]), inplace=True)
+    dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS[1:]]  # numpy's float64 would come back as float32
+    return mx.array(o, dtype=q.dtype), DLAState(S, *(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))
