@@ -2,6 +2,11 @@
 DeltaNet model, an mlx-lm Llama (KV cache) and mlx-lm's single-state gated delta model (Qwen3-Next with
 every layer linear) of the same width and MLP, measured in one run.
 
+Each row also gives the bytes a token must move at the least (every weight read once, the embedding table's
+one row unless it is also the output head; the Transformer's keys and values read; the recurrent states read
+and written) and the time that takes at this machine's copy bandwidth, measured in the same run: the memory
+floor each model's latency is measured against.
+
 Each cache is first filled to the context length: the Transformer's KV cache with random keys and values
 of that length, DLA's cache with a full set of K random states at that position (what any context of
 that length leaves; a decode step's cost does not depend on the contents); the gated delta model's state
@@ -24,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import torch
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen3_next
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gated_delta import gated_delta_ops
@@ -186,6 +192,25 @@ def state_bytes(cache):
     return int(sum(c.nbytes for c in cache))
 
 
+def bytes_per_token(model, cache):
+    """The least one token moves: every weight once (of an embedding table that is not the output head, the
+    one row looked up), a KV cache's filled part read, recurrent states read and written."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if not model.args.tie_word_embeddings:
+        table = model.model.embed_tokens if hasattr(model.model, "embed_tokens") else model.model.embeddings
+        weights -= table.weight.nbytes - table.weight[0].nbytes
+    if isinstance(cache[0], KVCache):
+        return weights + sum(c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes for c in cache)
+    return weights + 2 * state_bytes(cache)
+
+
+def copy_bandwidth(size=2**26, repeats=5):
+    """Bytes read plus written per second by numpy copying ``size`` bytes (best of ``repeats``)."""
+    src = np.ones(size // 4, np.float32)
+    dst = np.empty_like(src)
+    return 2 * size / min(median_seconds(lambda: np.copyto(dst, src), 1) for _ in range(repeats))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
@@ -202,18 +227,21 @@ def main(argv=None):
     models = {"dla": dla, "transformer": transformer(args.width, args.layers, args.heads, mlp),
               "gated_delta": gated_delta(args.width, args.layers, args.heads, mlp)}
     fill = {"dla": filled_dla_cache, "transformer": filled_kv_cache, "gated_delta": filled_gated_delta_cache}
-    rows = []
+    rows, bandwidth = [], copy_bandwidth()
     for T in args.lengths:
         for name, model in models.items():
             cache = fill[name](model, T)
+            moved = bytes_per_token(model, cache)
             rows.append({"T": T, "model": name, "latency_s": decode_latency(model, cache, args.steps),
-                         "state_bytes": state_bytes(cache)})
+                         "state_bytes": state_bytes(cache), "bytes_per_token": moved,
+                         "floor_s": moved / bandwidth})
             print(rows[-1], flush=True)
     ops = op_latency(args.heads, args.width // args.heads, args.capacity, args.steps)
     print(ops, flush=True)
     torch_ops = torch_op_latency(args.heads, args.width // args.heads, args.capacity, args.steps)
     print(torch_ops, flush=True)
-    meta = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__} | vars(args)
+    meta = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__,
+            "copy_bandwidth_bytes_s": bandwidth} | vars(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "one_layer_op_s": ops,
@@ -221,15 +249,18 @@ def main(argv=None):
     plot(rows, meta, out.with_suffix(".png"))
     by = {(r["T"], r["model"]): r for r in rows}
     print("| context | DLA ms/token | Transformer ms/token | gated delta ms/token | DLA / Transformer | "
-          "DLA / gated delta | DLA state (MB) | KV cache (MB) |\n|---|---|---|---|---|---|---|---|")
+          "DLA / gated delta | DLA state (MB) | KV cache (MB) | memory floor DLA / Transformer / gated delta (ms) "
+          "| floor ratio DLA / Transformer |\n|---|---|---|---|---|---|---|---|---|---|")
     for T in args.lengths:
         d, t, s = by[(T, "dla")], by[(T, "transformer")], by[(T, "gated_delta")]
         print(f"| {T} | {1e3 * d['latency_s']:.2f} | {1e3 * t['latency_s']:.2f} | {1e3 * s['latency_s']:.2f} | "
               f"{d['latency_s'] / t['latency_s']:.2f} | {d['latency_s'] / s['latency_s']:.2f} | "
-              f"{d['state_bytes'] / 2**20:.1f} | {t['state_bytes'] / 2**20:.1f} |")
+              f"{d['state_bytes'] / 2**20:.1f} | {t['state_bytes'] / 2**20:.1f} | "
+              f"{1e3 * d['floor_s']:.1f} / {1e3 * t['floor_s']:.1f} / {1e3 * s['floor_s']:.1f} | "
+              f"{d['floor_s'] / t['floor_s']:.2f} |")
+    print(f"copy bandwidth (read + written): {bandwidth / 1e9:.1f} GB/s")
     first, last = by[(args.lengths[0], "dla")], by[(args.lengths[-1], "dla")]
     print(f"DLA latency at {args.lengths[-1]} / at {args.lengths[0]}: {last['latency_s'] / first['latency_s']:.2f}")
-    base = ops["gated_delta_ops"]
     base = ops["gated_delta_ops"]
     print("MLX, one layer's op: " + ", ".join(
         f"{name} {1e3 * t:.2f} ms ({t / base:.1f}x mlx-lm's gated delta ops)" for name, t in ops.items()))

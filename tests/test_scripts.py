@@ -63,6 +63,13 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
     assert size[(256, "transformer")] > size[(64, "transformer")]
     assert size[(64, "gated_delta")] == size[(256, "gated_delta")]
     assert all(r["latency_s"] > 0 for r in rows) and "DLA latency at 256 / at 64" in capsys.readouterr().out
+    # the memory floor: the same weights at every length, plus the cache read (and the states written)
+    moved = {(r["T"], r["model"]): r["bytes_per_token"] for r in rows}
+    kv_bytes = lambda T: 2 * T * 64 * 4  # keys and values, width 64, float32
+    assert moved[(256, "transformer")] - moved[(64, "transformer")] == kv_bytes(256) - kv_bytes(64)
+    for name in ("dla", "gated_delta"):
+        assert moved[(64, name)] == moved[(256, name)] > 2 * size[(64, name)]
+    assert all(r["floor_s"] > 0 for r in rows)
     result = json.loads(out.with_suffix(".json").read_text())
     cpu = {"dla_cpu"} if decode.available() else set()
     ops, torch_ops = result["one_layer_op_s"], result["torch_one_layer_op_s"]
