@@ -18,22 +18,26 @@ float decay = exp(g[bh]);
 float bt = DELTA ? beta[bh] : 1.0f;
 float vj = col ? v[bh * Dv + j] : 0.0f;
 
-// The score's three scalars: ||S~||^2 and <S~, s_t> over the newest state, and ||v||^2.
-float terms[3] = {0.0f, 0.0f, vj * vj};
-if (col) {
-  float kS = 0.0f;
-  if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * S0[r * Dv + j];
-  for (int r = 0; r < Dk; ++r) {
-    float s = decay * (S0[r * Dv + j] - bt * k_[r] * kS);
-    terms[0] += s * s;
-    terms[1] += s * k_[r] * bt * vj;
-  }
-}
+// The score from three scalars, ||S~||^2 and <S~, s_t> over the newest state and ||v||^2; only where a decision
+// reads it (`dla_scored`, a template constant: the same branch for the whole threadgroup).
+float score = 0.0f;
 threadgroup float red[3 * NSG];
-dla_sum3<NSG>(terms, red, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
-float k_sq = 0.0f;
-for (int r = 0; r < Dk; ++r) k_sq += k_[r] * k_[r];
-float score = dla_score<SCORE>(terms[0], k_sq * terms[2] * bt * bt, terms[1], float(Dk * Dv), eps);
+if (dla_scored(POLICY, MERGE)) {
+  float terms[3] = {0.0f, 0.0f, vj * vj};
+  if (col) {
+    float kS = 0.0f;
+    if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * S0[r * Dv + j];
+    for (int r = 0; r < Dk; ++r) {
+      float s = decay * (S0[r * Dv + j] - bt * k_[r] * kS);
+      terms[0] += s * s;
+      terms[1] += s * k_[r] * bt * vj;
+    }
+  }
+  dla_sum3<NSG>(terms, red, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
+  float k_sq = 0.0f;
+  for (int r = 0; r < Dk; ++r) k_sq += k_[r] * k_[r];
+  score = dla_score<SCORE>(terms[0], k_sq * terms[2] * bt * bt, terms[1], float(Dk * Dv), eps);
+}
 
 int n[L];
 float ibar[L];

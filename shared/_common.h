@@ -20,6 +20,10 @@ typedef struct {
     Py_ssize_t B, T, H, Dk, Dv, L, C;
 } Dims;
 
+/* Whether a decision reads the scores (`DLAConfig.scored`): dla's boundaries, or fixed's density merges.
+ * Elsewhere every score is 0 and nothing is carried to compute one. */
+static inline int scored(const Dims *d) { return d->policy == DLA || (d->policy == FIXED && !d->merge_oldest); }
+
 static inline int trailing_ones(int64_t x) {
     int j = 0;
     while (x & 1) { x >>= 1; j++; }

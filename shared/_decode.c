@@ -70,7 +70,7 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
             real decay = EXP(g[bh]), bt = beta ? beta[bh] : (real)1, qk = 0;                           \
             for (Py_ssize_t a = 0; a < Dk; a++) qk += qt[a] * kt[a];                                   \
             reads_##SUFFIX(Dk, Dv, Sh, qt, kt, rq0, rk0);  /* of slot 0, which the score needs */      \
-            real score = newest_##SUFFIX(d, Sh, kt, vt, beta ? rk0 : NULL, bt, decay, newest, acc);    \
+            real score = scored(d) ? newest_##SUFFIX(d, Sh, kt, vt, beta ? rk0 : NULL, bt, decay, newest, acc) : 0; \
             int empty = 1;                                                                             \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);      \

@@ -7,6 +7,7 @@
  *   k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], beta [B, T, H] or an empty buffer, active uint8 [B, T],
  *   X [B, H, Dk, Dv], tau float64 [H]; updated in place: n int64 [B, H, L], ibar [B, H, L],
  *   opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
+ * Where no decision reads a score (`scored`), X is not carried and every score is 0.
  * Returns the position at which a fenwick cache runs out of levels (the wrapper raises), else 0.
  */
 #include "_common.h"
@@ -22,6 +23,7 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
     int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
     real *ibar_new = malloc(sizeof(real) * L);                                                         \
     int64_t overflow = 0;                                                                              \
+    int carry = scored(d);  /* else no score: the newest state is not carried */                       \
     for (Py_ssize_t b = 0; b < d->B && !overflow; b++)                                                 \
     for (Py_ssize_t h = 0; h < H && !overflow; h++) {                                                  \
         real *Xh = X + (b * H + h) * Dk * Dv, *ibar = ibar_all + (b * H + h) * L;                      \
@@ -31,13 +33,13 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
                 for (Py_ssize_t i = 0; i < W; i++) slot_of[i] = i < L ? i : -1;                        \
             Py_ssize_t at = (b * T + t) * H + h;                                                       \
             const real *kt = k + at * Dk, *vt = v + at * Dv;                                           \
-            real decay = EXP(g[at]), bt = beta ? beta[at] : (real)1;                                   \
-            if (beta) {                                                                                \
+            real decay = EXP(g[at]), bt = beta ? beta[at] : (real)1, score = 0;                        \
+            if (carry && beta) {                                                                       \
                 for (Py_ssize_t j = 0; j < Dv; j++) kX[j] = 0;                                         \
                 for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
                     for (Py_ssize_t j = 0; j < Dv; j++) kX[j] += kt[i] * Xh[i * Dv + j];               \
             }                                                                                          \
-            real score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);                   \
+            if (carry) score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);    \
             int empty = 1, on = active[b * T + t];                                                     \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);            \
@@ -48,7 +50,7 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             move_books_##SUFFIX(L, dest, n, ibar, n_new, ibar_new);                                    \
             if (on) {                                                                                  \
                 n[0] += 1; ibar[0] += score; pos += 1;                                                 \
-                for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
+                for (Py_ssize_t i = 0; i < (carry ? Dk : 0); i++)                                      \
                     for (Py_ssize_t j = 0; j < Dv; j++) {                                              \
                         real tok = beta ? bt * (kt[i] * vt[j]) : kt[i] * vt[j];                        \
                         Xh[i * Dv + j] = opens ? tok : S[i * Dv + j] + tok;                            \

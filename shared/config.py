@@ -71,6 +71,13 @@ class DLAConfig:
             raise ValueError(f"DLAConfig.capacity must be >= 2 for policy={self.policy!r}, got {self.capacity}")
 
     @property
+    def scored(self) -> bool:
+        """Whether a decision reads the information scores: ``dla``'s boundaries, or density merges (``fixed``).
+        Elsewhere no score is computed: every token's is 0, so each state's ``ibar`` stays 0 (DESIGN section 2),
+        and the decisions need no pass over the data."""
+        return self.policy == "dla" or (self.policy == "fixed" and self.merge == "density")
+
+    @property
     def num_slots(self) -> int:
         """Read weights per head the op expects: ``lam.shape[-1]``."""
         return 1 if self.policy == "single" else self.capacity

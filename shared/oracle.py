@@ -34,7 +34,8 @@ class Trace:
     """What the cache did at every token (``inspect``); padding has score NaN and pos -1.
 
     ======================  ==================================================================
-    score [B, T, H]         the information score I_t (0 for a sequence's first token)
+    score [B, T, H]         the information score I_t (0 for a sequence's first token), under every
+                            policy; it enters ibar only where a decision reads it (`DLAConfig.scored`)
     opened bool [B, T, H]   the token opened a new state
     merge_slot [B, T, H]    the slot, after the token, that holds merged states, -1 if none:
                             for fixed / dla the old pair (merge_slot - 1, merge_slot) merged
@@ -144,7 +145,7 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
                 S, n, ibar = (policy.apply(s.dest, x) for x in (S, n, ibar))
                 S[0] += token
                 n[0] += 1
-                ibar[0] += score
+                ibar[0] += score if config.scored else 0.0
                 o[b, t, h] = scale * np.einsum("l,d,ldv->v", lam[b, t, h], q[b, t, h], S)
                 trace.score[b, t, h], trace.opened[b, t, h], trace.merge_slot[b, t, h] = score, s.opened, s.merge_slot
                 trace.n[b, t, h] = n

@@ -42,8 +42,11 @@ def score_from_terms(config: DLAConfig, state_sq, token_sq, cross, size: int, xp
 
     state_sq = ||S~||^2, token_sq = ||s_t||^2, cross = <S~, s_t>, size = Dk * Dv; numpy arrays or
     scalars of any shape, computed in their own dtype (or arrays of the namespace ``xp``, e.g. ``mlx.core``).
-    S~ is the newest state after this step's transition and before the write.
+    S~ is the newest state after this step's transition and before the write. Zeros where no decision reads
+    the scores (`DLAConfig.scored`).
     """
+    if not config.scored:
+        return xp.zeros_like(state_sq)
     eps = config.eps
     r_state = 1.0 / xp.sqrt(state_sq / size + eps)
     if config.score == "token_drift":

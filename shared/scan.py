@@ -3,7 +3,9 @@ kernel in `dla_torch.ops.triton.scan` and the Metal kernel in `metal_kernels/dla
 for line).
 
 The score needs only the newest state, so one pass over the tokens carries that state alone (the
-single-state recurrence, O(Dk Dv) per token) and `dla_shared.policy` turns the scores into decisions.
+single-state recurrence, O(Dk Dv) per token) and `dla_shared.policy` turns the scores into decisions. Where
+no decision reads a score (`DLAConfig.scored`: single, fenwick, fixed with oldest merges) the pass carries
+nothing and the decisions follow from the positions alone.
 `scan_numpy` is that pass in numpy, the readable reference; `_scan.c` is the same loop compiled, an
 optional extension built at install (`setup.py`), which `scan` uses when it is there.
 """
@@ -73,23 +75,27 @@ def scan_numpy(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened
     for t in range(T):
         if t % C == 0:  # a new chunk: carried states sit in their own slots, no token yet
             slot_of = np.concatenate([np.broadcast_to(np.arange(L), (B, H, L)), np.full((B, H, C), -1)], -1)
-        kt, vt = k[:, t], v[:, t]
-        token = kt[..., :, None] * vt[..., None, :]
-        decay = np.exp(g[:, t])[..., None, None]
-        if beta is None:
-            S_new = decay * X  # S~, the newest state after the transition, before the write
-        else:
-            bt = beta[:, t, :, None, None]
-            S_new = decay * (X - bt * kt[..., :, None] * (kt[..., None, :] @ X))
-            token = bt * token
-        terms = [(S_new * S_new).sum((-2, -1)), (token * token).sum((-2, -1)), (S_new * token).sum((-2, -1))]
-        score = policy.score_from_terms(config, *terms, size)
         on = active[:, t]
+        if config.scored:
+            kt, vt = k[:, t], v[:, t]
+            token = kt[..., :, None] * vt[..., None, :]
+            decay = np.exp(g[:, t])[..., None, None]
+            if beta is None:
+                S_new = decay * X  # S~, the newest state after the transition, before the write
+            else:
+                bt = beta[:, t, :, None, None]
+                S_new = decay * (X - bt * kt[..., :, None] * (kt[..., None, :] @ X))
+                token = bt * token
+            terms = [(S_new * S_new).sum((-2, -1)), (token * token).sum((-2, -1)), (S_new * token).sum((-2, -1))]
+            score = policy.score_from_terms(config, *terms, size)
+        else:  # the decisions read no score: no pass over the data
+            score = np.zeros((B, H), dtype)
         plan = policy.plan(config, n, ibar, pos, score, on)
         opened = opened + (plan.opened & (pos > 0)[:, None])
         n, ibar, pos = plan.n, plan.ibar, plan.pos
-        X_new = np.where(plan.opened[..., None, None], token, S_new + token)
-        X = np.where(on[:, None, None, None], X_new, X)
+        if config.scored:
+            X_new = np.where(plan.opened[..., None, None], token, S_new + token)
+            X = np.where(on[:, None, None, None], X_new, X)
         moved = np.take_along_axis(plan.dest, np.maximum(slot_of, 0), axis=-1)
         slot_of = np.where(slot_of >= 0, moved, -1)
         slot_of[on, :, L + t % C] = 0

@@ -64,6 +64,31 @@ def test_compiled_scan_equals_numpy_scan(policy, delta, dtype, score):
         assert (n.sum(-1) == pos[:, None]).all() and len(set(opened[0].tolist())) > 1
 
 
+UNSCORED = {"single": {"policy": "single"}, "fenwick": {"policy": "fenwick"},
+            "fixed-oldest": {"policy": "fixed", "merge": "oldest"}}
+
+
+@pytest.mark.parametrize("impl", [scan.scan_numpy, pytest.param(scan._compiled, marks=needs_compiled)],
+                         ids=["numpy", "compiled"])
+@pytest.mark.parametrize("overrides", UNSCORED.values(), ids=UNSCORED.keys())
+def test_a_scan_that_reads_no_score_decides_without_the_data(overrides, impl):
+    """Where no decision reads a score (`DLAConfig.scored`), the scan carries no state: keys, values and decays
+    of NaN give the decisions of finite ones, and ibar stays 0."""
+    config = config_for(**overrides)
+    assert not config.scored and config_for("dla").scored and config_for("fixed", merge="density").scored
+    x = make_inputs(config, 2, 40, 3, 5, 7, seed=3)
+    state, tail = prefix_state(config, x, 10)
+    active = np.ones((2, 30), bool)
+    active[1, 4:9] = False
+    nan = {name: None if a is None else np.full_like(a, np.nan) for name, a in tail.items()}
+    (sigma, book), = scans(config, tail, state, active, np.float64, impls=(impl,))
+    (sigma2, book2), = scans(config, nan, state, active, np.float64, impls=(impl,))
+    np.testing.assert_array_equal(sigma2, sigma)
+    for a, b in zip(book, book2):
+        np.testing.assert_array_equal(a, b)
+    assert not book[1].any()  # ibar
+
+
 @needs_compiled
 def test_compiled_scan_refuses_a_full_fenwick_cache():
     config = config_for("fenwick", capacity=3)

@@ -82,6 +82,7 @@ def test_step_equals_the_reference(backend, policy, delta, dtype, impl):
     ref = run("reference")
     if policy != "single":  # more states opened than the cache holds: merges happened
         assert int(ref[1].opened.max()) > config.num_slots
+    assert (to_numpy(ref[1].ibar) != 0).any() == config.scored  # no score where no decision reads one
     assert_same_run(ref, run(impl), tolerance(backend, impl, dtype))
 
 

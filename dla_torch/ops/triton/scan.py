@@ -99,7 +99,7 @@ def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0,
                 L: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr,
                 POLICY: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, DELTA: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, DELTA: tl.constexpr, SCORED: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     rk, rv, rl, rs = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BL), tl.arange(0, BS)
@@ -117,26 +117,30 @@ def scan_kernel(k, v, g, beta, active, thresholds, X0, n0, ibar0, pos0, opened0,
         slot_of = tl.where(j_chunk == 0, tl.where(rs < L, rs, -1), slot_of)
         row = (i_b * T + t) * H + i_h
         on = tl.load(active + i_b * T + t) != 0
-        kt = tl.load(k + row * DK + rk, mask=mk, other=0)
-        vt = tl.load(v + row * DV + rv, mask=mv, other=0)
-        decay = tl.exp(tl.load(g + row))
-        token = kt[:, None] * vt[None, :]
-        if DELTA:
-            bt = tl.load(beta + row)
-            kX = tl.sum(kt[:, None] * X, axis=0)
-            S_new = decay * (X - bt * kt[:, None] * kX[None, :])
-            token = bt * token
-        else:
-            S_new = decay * X
-        state_sq = tl.sum(tl.sum(S_new * S_new, axis=1), axis=0)
-        token_sq = tl.sum(tl.sum(token * token, axis=1), axis=0)
-        cross = tl.sum(tl.sum(S_new * token, axis=1), axis=0)
-        score = _score(state_sq, token_sq, cross, DK * DV, eps, SCORE)
+        if SCORED:
+            kt = tl.load(k + row * DK + rk, mask=mk, other=0)
+            vt = tl.load(v + row * DV + rv, mask=mv, other=0)
+            decay = tl.exp(tl.load(g + row))
+            token = kt[:, None] * vt[None, :]
+            if DELTA:
+                bt = tl.load(beta + row)
+                kX = tl.sum(kt[:, None] * X, axis=0)
+                S_new = decay * (X - bt * kt[:, None] * kX[None, :])
+                token = bt * token
+            else:
+                S_new = decay * X
+            state_sq = tl.sum(tl.sum(S_new * S_new, axis=1), axis=0)
+            token_sq = tl.sum(tl.sum(token * token, axis=1), axis=0)
+            cross = tl.sum(tl.sum(S_new * token, axis=1), axis=0)
+            score = _score(state_sq, token_sq, cross, DK * DV, eps, SCORE)
+        else:  # no decision reads a score: nothing is carried
+            score = tl.sum(tl.where(rl < 0, ibar, 0), axis=0)  # a zero of ibar's dtype
         dest, n, ibar, opened = _plan(n, ibar, pos, score, on, threshold, rl, L, BL, POLICY, MERGE, BLOCK_SIZE)
         moved = tl.sum(tl.where(slot_of[:, None] == rl[None, :], dest[None, :], 0), axis=1)
         slot_of = tl.where(slot_of >= 0, moved, -1)
         slot_of = tl.where(on & (rs == L + j_chunk), 0, slot_of)
-        X = tl.where(on, tl.where(opened, token, S_new + token), X)
+        if SCORED:
+            X = tl.where(on, tl.where(opened, token, S_new + token), X)
         count = tl.where(on & opened & (pos > 0), count + 1, count)  # boundaries: opens after the first token
         pos = tl.where(on, pos + 1, pos)
         tl.store(sigma + (i_bh * T + t) * (L + C) + rs, slot_of.to(tl.int16), mask=rs < L + C)
@@ -169,5 +173,6 @@ def triton_scan(config: DLAConfig, k, v, g, beta, active, state: DLAState, chunk
         BL=triton.next_power_of_2(L), BS=triton.next_power_of_2(L + chunk_size),
         POLICY=policy.POLICY_IDS[config.policy], SCORE=policy.SCORE_IDS[config.score],
         MERGE=policy.MERGE_IDS[config.merge], BLOCK_SIZE=config.block_size, DELTA=beta is not None,
+        SCORED=config.scored,
     )
     return sigma, (n.cpu().long(), ibar.cpu(), pos.cpu().long(), opened.cpu().long())
