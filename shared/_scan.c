@@ -14,12 +14,12 @@
 
 #define DEFINE_SCAN(SUFFIX, real, EXP)                                                              \
 static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const real *g, const real *beta,       \
-                    const uint8_t *active, real *X, const double *tau, int64_t *n_all, real *ibar_all,  \
-                    const int64_t *pos_all, int64_t *opened, int16_t *sigma) {                          \
+                    const uint8_t *active, real *X, const double *tau, int64_t *n_all, real *ibar_all, \
+                    const int64_t *pos_all, int64_t *opened, int16_t *sigma) {                         \
     Py_ssize_t T = d->T, H = d->H, Dk = d->Dk, Dv = d->Dv, L = d->L, C = d->C, W = L + C;              \
-    real *S = malloc(sizeof(real) * (Dk * Dv + Dv)), *kX = S + Dk * Dv;                                 \
+    real *S = malloc(sizeof(real) * (Dk * Dv + Dv)), *kX = S + Dk * Dv;                                \
     Py_ssize_t *dest = malloc(sizeof(Py_ssize_t) * L), *slot_of = malloc(sizeof(Py_ssize_t) * W);     \
-    double *pair_sum = malloc(sizeof(double) * L), *acc = malloc(sizeof(double) * 3 * Dv);                                                       \
+    double *pair_sum = malloc(sizeof(double) * L), *acc = malloc(sizeof(double) * 3 * Dv);             \
     int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
     real *ibar_new = malloc(sizeof(real) * L);                                                         \
     int64_t overflow = 0;                                                                              \
@@ -42,9 +42,9 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             if (carry) score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);    \
             int empty = 1, on = active[b * T + t];                                                     \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
-            for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);            \
+            for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);      \
             if (empty) score = 0;                                                                      \
-            int opens = plan_step(d, n, pair_sum, pos, score, tau[h], on, dest);                         \
+            int opens = plan_step(d, n, pair_sum, pos, score, tau[h], on, dest);                       \
             if (opens < 0) { overflow = pos; break; }                                                  \
             if (opens && pos > 0) opened[b * H + h]++;                                                 \
             move_books_##SUFFIX(L, dest, n, ibar, n_new, ibar_new);                                    \
@@ -62,7 +62,7 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             for (Py_ssize_t i = 0; i < W; i++) row[i] = (int16_t)slot_of[i];                           \
         }                                                                                              \
     }                                                                                                  \
-    free(S); free(dest); free(slot_of); free(pair_sum); free(acc); free(n_new); free(ibar_new);                     \
+    free(S); free(dest); free(slot_of); free(pair_sum); free(acc); free(n_new); free(ibar_new);        \
     return overflow;                                                                                   \
 }
 
