@@ -97,11 +97,9 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
     lam_tok = mx.where(tok >= 0, mx.take_along_axis(lh, mx.maximum(tok, 0), axis=-1), 0)
     lam_car = mx.take_along_axis(lh, car, axis=-1)
     o = (lam_tok * A) @ vh + mx.einsum("bhji,bhjk,bhikv->bhjv", lam_car, q_start, S)
-    # States at the chunk end: carried states moved by G then carried by P_end, plus the tokens.
-    slots = mx.arange(L)
-    G = (car[:, :, -1, None, :] == slots[:, None]).astype(S.dtype)  # [B, H, L(new), L(old)]
-    E = (tok[:, :, -1, None, :] == slots[:reach, None]).astype(S.dtype)  # [B, H, reach, C]
-    moved = mx.einsum("bhmi,bhikv->bhmkv", G, S)
+    # States at the chunk end: carried states moved (G S) then carried by P_end, plus the tokens.
+    E = (tok[:, :, -1, None, :] == mx.arange(reach)[:, None]).astype(S.dtype)  # [B, H, reach, C]
+    moved = _move(S, car[:, :, -1])
     if beta is None:
         carried = mx.exp(end)[..., None, None] * moved
     else:
@@ -110,6 +108,16 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
         carried = mx.einsum("bhkl,bhmlv->bhmkv", P_end, moved)
     written = carried[:, :, :reach] + mx.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
     return scale * o.transpose(0, 2, 1, 3), mx.concatenate([written, carried[:, :, reach:]], axis=2)
+
+
+def _move(S, dest):
+    """G S: new slot m holds the sum of the carried states i with ``dest[i] == m``. S [B, H, L, Dk, Dv], dest
+    int [B, H, L]. One scatter-add over the (row, head, slot) matrices: L times fewer operations than the
+    product with the 0/1 matrix G (and MLX's CPU matmuls are slow)."""
+    B, H, L = dest.shape
+    rows = (dest + L * mx.arange(B * H).reshape(B, H, 1)).reshape(-1)
+    flat = S.reshape(B * H * L, -1)
+    return mx.zeros_like(flat).at[rows].add(flat).reshape(S.shape)
 
 
 def _unit_lower_inverse(T):

@@ -13,7 +13,8 @@ For each chunk of C tokens (the last may be shorter), with the K carried states 
    ``kappa = T^-T W`` (W_s = (gamma_end / gamma_s) beta_s k_s) the keys carried to the chunk end. Then
    ``o_t = scale (sum_s lam_t[slot_t(s)] A[t, s] v_s + sum_i lam_t[slot_t(i)] q~_t^T S_i)`` and the states
    at the chunk end are ``P_end (G S) + E (kappa v^T)``, G and E the 0/1 maps of carried states and tokens
-   to end slots, ``P_end = gamma_end I - kappa^T Gamma K``. The diagonal transition is T = I.
+   to end slots (G S as one index_add, `_move`), ``P_end = gamma_end I - kappa^T Gamma K``. The diagonal
+   transition is T = I.
 
 Backward is autograd through the math, recomputed per segment of chunks (`torch.utils.checkpoint`), so
 that only one set of K states per segment is kept, not one per chunk. Shapes as in `dla_torch.dla_attention`.
@@ -148,10 +149,9 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
     lam_tok = torch.where(tok >= 0, torch.gather(lh, -1, tok.clamp(min=0)), 0)
     lam_car = torch.gather(lh, -1, car)
     o = (lam_tok * A) @ vh + torch.einsum("bhji,bhjk,bhikv->bhjv", lam_car, q_start, S)
-    # States at the chunk end: carried states moved by G then carried by P_end, plus the tokens.
-    G = torch.nn.functional.one_hot(car[:, :, -1], L).transpose(-1, -2).to(S)  # [B, H, L(new), L(old)]
+    # States at the chunk end: carried states moved (G S) then carried by P_end, plus the tokens.
     E = torch.where(tok[:, :, -1, None, :] == torch.arange(reach, device=q.device)[:, None], 1.0, 0.0).to(S)
-    moved = torch.einsum("bhmi,bhikv->bhmkv", G, S)
+    moved = _move(S, car[:, :, -1])
     if beta is None:
         carried = torch.exp(end)[..., None, None] * moved
     else:
@@ -160,6 +160,16 @@ def _one_chunk(q, k, v, g, lam, beta, S, sigma, scale, reach):
         carried = torch.einsum("bhkl,bhmlv->bhmkv", P_end, moved)
     carried[:, :, :reach] += torch.einsum("bhms,bhsk,bhsv->bhmkv", E, kappa, vh)
     return scale * o.transpose(1, 2), carried
+
+
+def _move(S, dest):
+    """G S: new slot m holds the sum of the carried states i with ``dest[i] == m``. S [B, H, L, Dk, Dv], dest
+    int [B, H, L]. One index_add over the (row, head, slot) matrices: L times fewer operations than the
+    product with the 0/1 matrix G."""
+    B, H, L = dest.shape
+    rows = (dest + L * torch.arange(B * H, device=dest.device).view(B, H, 1)).reshape(-1)
+    flat = S.reshape(B * H * L, -1)
+    return torch.zeros_like(flat).index_add_(0, rows, flat).view(S.shape)
 
 
 def _part(x, c0, c1):
