@@ -40,7 +40,9 @@ MODEL_FILE = "dla_model.py"
 
 def load(path_or_id, **kwargs):
     """`mlx_lm.load` for DLA checkpoints: returns (model, tokenizer). The model comes from the installed
-    package (registered with mlx-lm), not from a folder's ``model_file``, so no ``trust_remote_code``."""
+    package (registered with mlx-lm), not from a folder's ``model_file``, so no ``trust_remote_code``: the
+    tokenizer is loaded with it False, or transformers would ask whether to run the folder's modeling code (named
+    in config.json for its Auto classes) and wait for an answer."""
     from mlx_lm import load as mlx_load
     from transformers.utils import logging
 
@@ -50,7 +52,9 @@ def load(path_or_id, **kwargs):
     logging.set_verbosity_error()
     try:
         model_config = {**kwargs.pop("model_config", {}), "model_file": None}
-        return mlx_load(str(resolve(path_or_id)), model_config=model_config, **kwargs)
+        tokenizer_config = {"trust_remote_code": False, **kwargs.pop("tokenizer_config", {})}
+        return mlx_load(str(resolve(path_or_id)), model_config=model_config, tokenizer_config=tokenizer_config,
+                        **kwargs)
     finally:
         logging.set_verbosity(verbosity)
 

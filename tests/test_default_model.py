@@ -6,6 +6,8 @@ import json
 import platform
 import re
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -128,6 +130,18 @@ def test_torch_and_mlx_give_the_same_logits():
     if not any(name.endswith(".tau") for name in load_file(DEFAULT_MODEL / "model.safetensors")):
         config = torch_model.config
         assert all(np.array_equal(tau, np.float32(config.dla.thresholds(config.num_heads))) for tau in taus)
+
+
+def test_loading_asks_nothing():
+    """The folder names its modeling code for transformers' Auto classes; `dla_mlx.load` loads the model from the
+    package, so transformers must not stop to ask whether to run that code (it would wait for an answer). In a
+    fresh process: importing dla_torch registers the model type with transformers, which hides the question."""
+    code = ("import builtins, sys\n"
+            "builtins.input = lambda prompt='': sys.exit('asked: ' + prompt[-60:])\n"
+            "from dla_mlx import load\nfrom dla_shared.hub import DEFAULT_MODEL\nload(DEFAULT_MODEL)\n"
+            "assert 'dla_torch' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_dla_generate_streams_from_the_default_model(tmp_path, capsys):
