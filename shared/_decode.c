@@ -3,7 +3,7 @@
  * K states once and writes them once with no array temporaries.
  *
  * Per cache: the reads q^T S_0 and k^T S_0 of the newest state, the newest state after the transition and the
- * score (`_common.h`); the decisions (`plan_step`); then each new slot m = the sum of the old states j with
+ * score (`_common.h`; 0 where no decision reads it, `scored`); the decisions (`plan_step`); then each new slot m = the sum of the old states j with
  * dest[j] = m, each carried by the transition (decay (S_j - beta k (k^T S_j)), or decay S_j), plus the
  * token in slot 0; the output from the moved reads. The states are updated in place: every move sends slot j
  * to a slot m >= j, so the old states are taken from the oldest down, each read and carried while it is in

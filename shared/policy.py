@@ -6,7 +6,7 @@ is an older state. For ``fixed`` and ``dla`` the states are packed (slot = rank 
 
 ====  =========  ===========================================================
 n     int  [L]   tokens held by each slot (0 = empty)
-ibar  float [L]  sum of the information scores of each slot's tokens
+ibar  float [L]  sum of the information scores of each slot's tokens (0 unless `DLAConfig.scored`)
 pos   int        tokens this row has seen (the position of the next token)
 ====  =========  ===========================================================
 

@@ -6,7 +6,8 @@
 S      [N, H, L, Dk, Dv]    the states, float32 (float64 for float64 inputs); slot i at index i,
                             newest first (see `dla_shared.policy`)
 n      [N, H, L] int64      tokens held by each slot, 0 = empty
-ibar   [N, H, L] float      sum of the information scores of each slot's tokens (dtype of S)
+ibar   [N, H, L] float      sum of the information scores of each slot's tokens (dtype of S); 0
+                            where no decision reads a score (`DLAConfig.scored`)
 pos    [N] int64            tokens each sequence has seen
 opened [N, H] int64         boundaries so far: tokens after each sequence's first that opened a
                             state (its open rate is ``opened / (pos - 1)``)

@@ -72,8 +72,9 @@ UNSCORED = {"single": {"policy": "single"}, "fenwick": {"policy": "fenwick"},
                          ids=["numpy", "compiled"])
 @pytest.mark.parametrize("overrides", UNSCORED.values(), ids=UNSCORED.keys())
 def test_a_scan_that_reads_no_score_decides_without_the_data(overrides, impl):
-    """Where no decision reads a score (`DLAConfig.scored`), the scan carries no state: keys, values and decays
-    of NaN give the decisions of finite ones, and ibar stays 0."""
+    """Where no decision reads a score (`DLAConfig.scored`), no score enters ibar, which stays 0 even for keys,
+    values and decays of NaN (a carried state would make every score NaN); the decisions are those of finite
+    data."""
     config = config_for(**overrides)
     assert not config.scored and config_for("dla").scored and config_for("fixed", merge="density").scored
     x = make_inputs(config, 2, 40, 3, 5, 7, seed=3)

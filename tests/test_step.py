@@ -14,7 +14,7 @@ import torch
 import dla_mlx
 import dla_torch
 from dla_mlx.ops import attention as mlx_attention
-from dla_shared import decode
+from dla_shared import DLAState, decode
 from dla_torch.ops import attention as torch_attention
 
 from helpers import (
@@ -35,10 +35,11 @@ from helpers import (
 BACKENDS = {
     "mlx": SimpleNamespace(attention=dla_mlx.dla_attention, impls=mlx_attention.IMPLS, array=to_mlx,
                            dtypes={"float64": mx.float64, "float32": mx.float32}, mask=mx.array,
-                           cat=lambda xs: mx.concatenate(xs, axis=1)),
+                           cat=lambda xs: mx.concatenate(xs, axis=1),
+                           widen=lambda a, n: mx.broadcast_to(a, (n, *a.shape[1:]))),
     "torch": SimpleNamespace(attention=dla_torch.dla_attention, impls=torch_attention.IMPLS, array=to_torch,
                              dtypes={"float64": torch.float64, "float32": torch.float32}, mask=torch.tensor,
-                             cat=lambda xs: torch.cat(xs, dim=1)),
+                             cat=lambda xs: torch.cat(xs, dim=1), widen=lambda a, n: a.expand(n, *a.shape[1:])),
 }
 TOLS = {"float64": 1e-12, "float32": 1e-5}
 needs_c = pytest.mark.skipif(not decode.available(), reason="the C step was not built (no C compiler)")
@@ -211,8 +212,23 @@ def test_step_leaves_its_initial_state_as_it_was(backend, impl):
     assert not np.array_equal(to_numpy(after.S), before["S"])
 
 
+@pytest.mark.parametrize("impl", STEPS)
+def test_step_takes_a_state_that_is_a_broadcast_view(backend, impl):
+    """One row's state broadcast to two rows (stride 0, not contiguous) decodes as the reference does."""
+    config = config_for("dla")
+    x = backend.array(make_inputs(config, 2, 12, 3, 5, 7, seed=4))
+    _, one = backend.attention(*(None if x[n] is None else x[n][:1, :11] for n in NAMES), config=config,
+                               impl="chunk", output_final_state=True)
+    wide = DLAState(*(backend.widen(getattr(one, f), 2) for f in DLAState.FIELDS), config=one.config)
+    run = lambda impl: backend.attention(*(None if x[n] is None else x[n][:, 11:] for n in NAMES), config=config,
+                                         initial_state=wide, impl=impl, output_final_state=True)
+    assert_same_run(run("reference"), run(impl), TOLS["float32"])
+
+
 @needs_c
-def test_the_compiled_step_in_place_equals_its_copy():
+def test_the_compiled_step_in_place_writes_into_s():
+    """The wrapper's ``inplace``: the states come back in S itself, as the copying call returns them, and a
+    read-only S is refused. (The in-place order of the C loop is what every equality test above checks.)"""
     config = config_for("dla")
     x = make_inputs(config, 2, 6, 3, 5, 7, seed=2)
     L = config.num_slots

@@ -72,11 +72,14 @@ def _compiled(config, scale: float, delta: bool, cpu: bool):
         b = beta[..., None, None]
         reads = mx.stack([q, k], axis=-2)[:, :, None] @ S  # [B, H, L, 2, Dv]: q^T S_i, k^T S_i
         token = b * k[..., :, None] * v[..., None, :]  # [B, H, Dk, Dv]
-        newest = S[:, :, 0] - k[..., :, None] * (b * reads[:, :, 0, 1:]) if delta else S[:, :, 0]
-        newest = mx.stop_gradient(decay * newest)
-        terms = [(x * y).sum((-2, -1)) for x, y in ((newest, newest), (token, token), (newest, token))]
         xp = Exact() if cpu else mx
-        score = policy.score_from_terms(config, *(mx.stop_gradient(x) for x in terms), Dk * Dv, xp=xp)
+        if config.scored:
+            newest = S[:, :, 0] - k[..., :, None] * (b * reads[:, :, 0, 1:]) if delta else S[:, :, 0]
+            newest = mx.stop_gradient(decay * newest)
+            terms = [(x * y).sum((-2, -1)) for x, y in ((newest, newest), (token, token), (newest, token))]
+            score = policy.score_from_terms(config, *(mx.stop_gradient(x) for x in terms), Dk * Dv, xp=xp)
+        else:  # no decision reads a score
+            score = mx.zeros_like(g)
         plan = policy.plan(config, n, ibar, pos, score, active, xp=xp)
         # The K states as [B, H, L, Dk * Dv]: MLX's CPU kernels are much faster with fewer broadcast axes.
         flat = lambda x: x.reshape(*x.shape[:3], Dk * Dv)
@@ -123,6 +126,8 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
     mx.eval(S, *inputs, *(getattr(state, f) for f in DLAState.FIELDS[1:]))  # once, then read through views
     x = lambda a: None if a is None else np.asarray(a)  # a view of MLX's buffer, not a copy
+    if not x(S).flags.c_contiguous:  # the copy keeps a broadcast or transposed state's layout
+        S = mx.array(np.ascontiguousarray(x(S)))
     active = np.ones((B, T), bool) if mask is None else x(mask)
     o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
                                  *(x(getattr(state, f)) for f in DLAState.FIELDS[1:]), inplace=True)

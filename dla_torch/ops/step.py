@@ -99,10 +99,13 @@ def _step(q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, *, config, sca
     reads = torch.stack([q, k], dim=-2)[:, :, None] @ S  # [B, H, L, 2, Dv]: q^T S_i, k^T S_i
     token = b * k[..., :, None] * v[..., None, :]  # [B, H, Dk, Dv]
     with torch.no_grad():
-        newest = S[:, :, 0] if beta is None else S[:, :, 0] - k[..., :, None] * (b * reads[:, :, 0, 1:])
-        newest = decay[..., None] * newest
-        terms = [(x * y).sum((-2, -1)) for x, y in ((newest, newest), (token, token), (newest, token))]
-        score = policy.score_from_terms(config, *terms, Dk * Dv, xp=xp)
+        if config.scored:
+            newest = S[:, :, 0] if beta is None else S[:, :, 0] - k[..., :, None] * (b * reads[:, :, 0, 1:])
+            newest = decay[..., None] * newest
+            terms = [(x * y).sum((-2, -1)) for x, y in ((newest, newest), (token, token), (newest, token))]
+            score = policy.score_from_terms(config, *terms, Dk * Dv, xp=xp)
+        else:  # no decision reads a score
+            score = torch.zeros_like(g)
         plan = policy.plan(config, n, ibar, pos, score, active, xp=xp)
     moved, reads = _move(S, plan.dest, config, decay), _move(reads, plan.dest, config, decay)
     qk = (q * k).sum(-1)[..., None, None]  # [B, H, 1, 1]
