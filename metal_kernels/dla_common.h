@@ -6,12 +6,6 @@ enum { POLICY_SINGLE = 0, POLICY_FENWICK = 1, POLICY_FIXED = 2, POLICY_DLA = 3 }
 enum { MERGE_OLDEST = 0, MERGE_DENSITY = 1 };
 enum { SCORE_TOKEN_DRIFT = 0, SCORE_STATE_DRIFT = 1 };
 
-// Whether a decision reads the scores (`DLAConfig.scored`): dla's boundaries, or fixed's density merges.
-// Elsewhere every score is 0 and no state is carried to compute one.
-constexpr bool dla_scored(int policy, int merge) {
-  return policy == POLICY_DLA || (policy == POLICY_FIXED && merge == MERGE_DENSITY);
-}
-
 // Eq. 13 from ||S~||^2, ||s_t||^2 and <S~, s_t>, with R(X) = X / sqrt(mean(X^2) + eps); size = Dk * Dv.
 template <int SCORE>
 inline float dla_score(float state_sq, float token_sq, float cross, float size, float eps) {

@@ -3,7 +3,7 @@
 // Launch: one threadgroup per (row, head), grid (32 * NSG, 1, B * H); thread j owns column j of every
 // state. States are float32 [B, H, L, Dk, Dv]; q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], lam [B, H, L],
 // n, ibar [B, H, L], opened [B, H] (boundaries so far), pos, active [B], threshold [H] (one per head).
-// Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA.
+// Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA, SCORED.
 uint bh = threadgroup_position_in_grid.z;
 uint b = bh / H;
 uint h = bh % H;
@@ -19,10 +19,10 @@ float bt = DELTA ? beta[bh] : 1.0f;
 float vj = col ? v[bh * Dv + j] : 0.0f;
 
 // The score from three scalars, ||S~||^2 and <S~, s_t> over the newest state and ||v||^2; only where a decision
-// reads it (`dla_scored`, a template constant: the same branch for the whole threadgroup).
+// reads it (SCORED, `DLAConfig.scored`, a template constant: the same branch for the whole threadgroup).
 float score = 0.0f;
 threadgroup float red[3 * NSG];
-if (dla_scored(POLICY, MERGE)) {
+if (SCORED) {
   float terms[3] = {0.0f, 0.0f, vj * vj};
   if (col) {
     float kS = 0.0f;

@@ -3,8 +3,9 @@
 // newest state X [Dk, Dv] through the T tokens; all threads hold the same bookkeeping and decisions.
 // k [B, T, H, Dk], v [B, T, H, Dv], g, beta [B, T, H], active [B, T], X_in [B, H, Dk, Dv] float32,
 // n, ibar [B, H, L], opened [B, H], pos [B], threshold [H] (one per head); out: sigma int16 [B, H, T, L + C]
-// (see `dla_shared.scan`), n, ibar, opened. Where no decision reads a score (`dla_scored`) X is not carried.
-// Templates: Dk, Dv, L, C, H, NSG, POLICY, MERGE, SCORE, DELTA.
+// (see `dla_shared.scan`), n, ibar, opened. Where no decision reads a score (SCORED false,
+// `DLAConfig.scored`) X is not carried.
+// Templates: Dk, Dv, L, C, H, NSG, POLICY, MERGE, SCORE, DELTA, SCORED.
 uint bh = threadgroup_position_in_grid.z;
 uint b = bh / H;
 uint h = bh % H;
@@ -36,7 +37,7 @@ for (int t = 0; t < T; ++t) {
     float bt = DELTA ? beta[row] : 1.0f;
     float vj = col ? v[row * Dv + j] : 0.0f;
     float score = 0.0f;
-    if (dla_scored(POLICY, MERGE)) {  // a template constant: the whole threadgroup takes the same branch
+    if (SCORED) {  // a template constant: the whole threadgroup takes the same branch
       float kS = 0.0f;
       if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * x[r];
       float terms[3] = {0.0f, 0.0f, vj * vj};
@@ -52,7 +53,7 @@ for (int t = 0; t < T; ++t) {
     }
     bool opened = dla_plan<L, POLICY, MERGE>(n, ibar, dest, p, score, true, block_size, threshold[h]);
     boundaries += opened && p > 0 ? 1 : 0;  // a sequence's first token is no boundary
-    if (dla_scored(POLICY, MERGE))
+    if (SCORED)
       for (int r = 0; r < Dk; ++r) x[r] = (opened ? 0.0f : x[r]) + bt * k_[r] * vj;
     for (int i = 0; i < L + C; ++i) slot_of[i] = slot_of[i] >= 0 ? dest[slot_of[i]] : -1;
     slot_of[L + t % C] = 0;

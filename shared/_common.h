@@ -14,15 +14,11 @@
 enum { SINGLE = 0, FENWICK = 1, FIXED = 2, DLA = 3 };  /* dla_shared.policy.POLICY_IDS */
 
 typedef struct {
-    int policy, state_drift, merge_oldest;
+    int policy, state_drift, merge_oldest, scored;  /* scored: `DLAConfig.scored`, else every score is 0 */
     long block_size;
     double eps;
     Py_ssize_t B, T, H, Dk, Dv, L, C;
 } Dims;
-
-/* Whether a decision reads the scores (`DLAConfig.scored`): dla's boundaries, or fixed's density merges.
- * Elsewhere every score is 0 and nothing is carried to compute one. */
-static inline int scored(const Dims *d) { return d->policy == DLA || (d->policy == FIXED && !d->merge_oldest); }
 
 static inline int trailing_ones(int64_t x) {
     int j = 0;

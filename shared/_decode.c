@@ -3,12 +3,13 @@
  * K states once and writes them once with no array temporaries.
  *
  * Per cache: the reads q^T S_0 and k^T S_0 of the newest state, the newest state after the transition and the
- * score (`_common.h`; 0 where no decision reads it, `scored`); the decisions (`plan_step`); then each new slot m = the sum of the old states j with
- * dest[j] = m, each carried by the transition (decay (S_j - beta k (k^T S_j)), or decay S_j), plus the
- * token in slot 0; the output from the moved reads. The states are updated in place: every move sends slot j
- * to a slot m >= j, so the old states are taken from the oldest down, each read and carried while it is in
- * cache, and a slot is overwritten only after its old state was taken. `decode_f32` / `decode_f64` compute in
- * float / double. Every array is C-contiguous and checked by the Python wrapper (`dla_shared.decode`):
+ * score (`_common.h`; 0 where no decision reads it, `scored`); the decisions (`plan_step`); then each new
+ * slot m = the sum of the old states j with dest[j] = m, each carried by the transition (decay
+ * (S_j - beta k (k^T S_j)), or decay S_j), plus the token in slot 0; the output from the moved reads. The
+ * states are updated in place: every move sends slot j to a slot m >= j, so the old states are taken from the
+ * oldest down, each read and carried while it is in cache, and a slot is overwritten only after its old state
+ * was taken. `decode_f32` / `decode_f64` compute in float / double. Every array is C-contiguous and checked
+ * by the Python wrapper (`dla_shared.decode`):
  *   q, k [B, H, Dk], v [B, H, Dv], g and beta [B, H] (beta an empty buffer for the diagonal transition),
  *   lam [B, H, L], active uint8 [B], tau float64 [H]; written: o [B, H, Dv]; updated in place:
  *   S [B, H, L, Dk, Dv], n int64 [B, H, L], ibar [B, H, L], pos int64 [B], opened int64 [B, H].
@@ -70,7 +71,8 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
             real decay = EXP(g[bh]), bt = beta ? beta[bh] : (real)1, qk = 0;                           \
             for (Py_ssize_t a = 0; a < Dk; a++) qk += qt[a] * kt[a];                                   \
             reads_##SUFFIX(Dk, Dv, Sh, qt, kt, rq0, rk0);  /* of slot 0, which the score needs */      \
-            real score = scored(d) ? newest_##SUFFIX(d, Sh, kt, vt, beta ? rk0 : NULL, bt, decay, newest, acc) : 0; \
+            real score = 0;                                                                            \
+            if (d->scored) score = newest_##SUFFIX(d, Sh, kt, vt, beta ? rk0 : NULL, bt, decay, newest, acc); \
             int empty = 1;                                                                             \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);      \
@@ -115,8 +117,8 @@ static int64_t decode_##SUFFIX(const Dims *d, real scale, const real *q, const r
 DEFINE_DECODE(f32, float, expf)
 DEFINE_DECODE(f64, double, exp)
 
-/* decode(policy, state_drift, merge_oldest, is_double, block_size, eps, scale, dims (B, H, Dk, Dv, L), q, k, v,
- *        g, beta, lam, active, S, tau, n, ibar, pos, opened, o) -> overflow position (0 if none) */
+/* decode(policy, state_drift, merge_oldest, scored, is_double, block_size, eps, scale, dims (B, H, Dk, Dv, L), q,
+ *        k, v, g, beta, lam, active, S, tau, n, ibar, pos, opened, o) -> overflow position (0 if none) */
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     Dims d;
     Py_buffer buf[14];
@@ -125,9 +127,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     double scale;
     d.T = 1;
     d.C = 1;
-    if (!PyArg_ParseTuple(args, "iiiildd(nnnnn)y*y*y*y*y*y*y*w*y*w*w*w*w*w*", &d.policy, &d.state_drift,
-                          &d.merge_oldest, &is_double, &d.block_size, &d.eps, &scale, &d.B, &d.H, &d.Dk, &d.Dv,
-                          &d.L, &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6], &buf[7], &buf[8],
+    if (!PyArg_ParseTuple(args, "iiiiildd(nnnnn)y*y*y*y*y*y*y*w*y*w*w*w*w*w*", &d.policy, &d.state_drift,
+                          &d.merge_oldest, &d.scored, &is_double, &d.block_size, &d.eps, &scale, &d.B, &d.H, &d.Dk,
+                          &d.Dv, &d.L, &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6], &buf[7], &buf[8],
                           &buf[9], &buf[10], &buf[11], &buf[12], &buf[13]))
         return NULL;
     const void *beta = buf[4].len ? buf[4].buf : NULL;

@@ -7,7 +7,7 @@
  *   k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], beta [B, T, H] or an empty buffer, active uint8 [B, T],
  *   X [B, H, Dk, Dv], tau float64 [H]; updated in place: n int64 [B, H, L], ibar [B, H, L],
  *   opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
- * Where no decision reads a score (`scored`), X is not carried and every score is 0.
+ * Where no decision reads a score (`scored`, `DLAConfig.scored`), X is not carried and every score is 0.
  * Returns the position at which a fenwick cache runs out of levels (the wrapper raises), else 0.
  */
 #include "_common.h"
@@ -23,7 +23,6 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
     int64_t *n_new = malloc(sizeof(int64_t) * L);                                                      \
     real *ibar_new = malloc(sizeof(real) * L);                                                         \
     int64_t overflow = 0;                                                                              \
-    int carry = scored(d);  /* else no score: the newest state is not carried */                       \
     for (Py_ssize_t b = 0; b < d->B && !overflow; b++)                                                 \
     for (Py_ssize_t h = 0; h < H && !overflow; h++) {                                                  \
         real *Xh = X + (b * H + h) * Dk * Dv, *ibar = ibar_all + (b * H + h) * L;                      \
@@ -34,12 +33,12 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             Py_ssize_t at = (b * T + t) * H + h;                                                       \
             const real *kt = k + at * Dk, *vt = v + at * Dv;                                           \
             real decay = EXP(g[at]), bt = beta ? beta[at] : (real)1, score = 0;                        \
-            if (carry && beta) {                                                                       \
+            if (d->scored && beta) {                                                                   \
                 for (Py_ssize_t j = 0; j < Dv; j++) kX[j] = 0;                                         \
                 for (Py_ssize_t i = 0; i < Dk; i++)                                                    \
                     for (Py_ssize_t j = 0; j < Dv; j++) kX[j] += kt[i] * Xh[i * Dv + j];               \
             }                                                                                          \
-            if (carry) score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);    \
+            if (d->scored) score = newest_##SUFFIX(d, Xh, kt, vt, beta ? kX : NULL, bt, decay, S, acc);    \
             int empty = 1, on = active[b * T + t];                                                     \
             for (Py_ssize_t i = 0; i < L; i++) empty &= n[i] == 0;                                   \
             for (Py_ssize_t i = 0; i + 1 < L; i++) pair_sum[i] = (double)(ibar[i] + ibar[i + 1]);      \
@@ -50,7 +49,7 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             move_books_##SUFFIX(L, dest, n, ibar, n_new, ibar_new);                                    \
             if (on) {                                                                                  \
                 n[0] += 1; ibar[0] += score; pos += 1;                                                 \
-                for (Py_ssize_t i = 0; i < (carry ? Dk : 0); i++)                                      \
+                for (Py_ssize_t i = 0; i < (d->scored ? Dk : 0); i++)                                  \
                     for (Py_ssize_t j = 0; j < Dv; j++) {                                              \
                         real tok = beta ? bt * (kt[i] * vt[j]) : kt[i] * vt[j];                        \
                         Xh[i * Dv + j] = opens ? tok : S[i * Dv + j] + tok;                            \
@@ -69,16 +68,16 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
 DEFINE_SCAN(f32, float, expf)
 DEFINE_SCAN(f64, double, exp)
 
-/* scan(policy, state_drift, merge_oldest, is_double, block_size, eps, dims (B, T, H, Dk, Dv, L, C), k, v, g,
- *      beta, active, X, tau, n, ibar, pos, opened, sigma) -> overflow position (0 if none) */
+/* scan(policy, state_drift, merge_oldest, scored, is_double, block_size, eps, dims (B, T, H, Dk, Dv, L, C), k, v,
+ *      g, beta, active, X, tau, n, ibar, pos, opened, sigma) -> overflow position (0 if none) */
 static PyObject *py_scan(PyObject *self, PyObject *args) {
     Dims d;
     Py_buffer buf[12];
     memset(buf, 0, sizeof buf);
     int is_double;
-    if (!PyArg_ParseTuple(args, "iiiild(nnnnnnn)y*y*y*y*y*w*y*w*w*y*w*w*", &d.policy, &d.state_drift,
-                          &d.merge_oldest, &is_double, &d.block_size, &d.eps, &d.B, &d.T, &d.H, &d.Dk, &d.Dv, &d.L,
-                          &d.C, &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6], &buf[7],
+    if (!PyArg_ParseTuple(args, "iiiiild(nnnnnnn)y*y*y*y*y*w*y*w*w*y*w*w*", &d.policy, &d.state_drift,
+                          &d.merge_oldest, &d.scored, &is_double, &d.block_size, &d.eps, &d.B, &d.T, &d.H, &d.Dk,
+                          &d.Dv, &d.L, &d.C, &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6], &buf[7],
                           &buf[8], &buf[9], &buf[10], &buf[11]))
         return NULL;
     const void *beta = buf[3].len ? buf[3].buf : NULL;

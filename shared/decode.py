@@ -52,7 +52,7 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
     for t in range(T):
         o_t = np.empty((B, H, Dv), dtype)
         overflow = _decode.decode(
-            policy.POLICY_IDS[config.policy], config.score == "state_drift", config.merge == "oldest",
+            policy.POLICY_IDS[config.policy], config.score == "state_drift", config.merge == "oldest", config.scored,
             dtype == np.float64, config.block_size, config.eps, float(scale), (B, H, Dk, Dv, L), c(q[:, t]),
             c(k[:, t]), c(v[:, t]), c(g[:, t]), b"" if beta is None else c(beta[:, t]), c(lam[:, t]),
             c(active[:, t], np.uint8), S, tau, n, ibar, pos, opened, o_t)

@@ -44,7 +44,7 @@ def _compiled(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size
     tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
     sigma = np.empty((B, H, T, L + chunk_size), np.int16)
     overflow = _scan.scan(policy.POLICY_IDS[config.policy], config.score == "state_drift",
-                          config.merge == "oldest", dtype == np.float64, config.block_size, config.eps,
+                          config.merge == "oldest", config.scored, dtype == np.float64, config.block_size, config.eps,
                           (B, T, H, Dk, Dv, L, chunk_size), k, v, g, beta, c(active, np.uint8), X, tau,
                           n_out, ibar_out, c(pos, np.int64), opened_out, sigma)
     if overflow:

@@ -119,9 +119,10 @@ def test_torch_step_gradients_equal_the_reference(policy, delta):
 
 
 def count_calls(monkeypatch, impls):
-    """Replace ``impls``' "step" and "cpu" by counting wrappers; return the list of (impl, shape) calls."""
+    """Replace ``impls``' "step", "cpu" (and "metal") by counting wrappers; return the list of (impl, shape)
+    calls."""
     calls = []
-    for name in ("step", "cpu"):
+    for name in set(impls) & {"step", "cpu", "metal"}:
         def counted(*args, name=name, run=impls[name], **kw):
             calls.append((name, tuple(args[0].shape)))
             return run(*args, **kw)
@@ -131,9 +132,8 @@ def count_calls(monkeypatch, impls):
 
 @pytest.mark.parametrize("built", [pytest.param(True, marks=needs_c), False], ids=["built", "not-built"])
 def test_auto_decodes_with_a_step(backend, built, monkeypatch):
-    """One token: ``cpu`` where it was built (on the CPU, no gradient), else ``step``; more: the chunk path."""
-    if backend.attention is dla_mlx.dla_attention and mx.metal.is_available():
-        pytest.skip("with Metal, MLX's auto decodes with the Metal kernel (tests/test_metal.py)")
+    """One token: ``cpu`` where it was built (on the CPU, no gradient), else ``step``; more: the chunk path. With
+    Metal, MLX takes the Metal kernels for both."""
     if not built:
         monkeypatch.setattr(decode, "_decode", None)
     calls = count_calls(monkeypatch, backend.impls)
@@ -142,7 +142,10 @@ def test_auto_decodes_with_a_step(backend, built, monkeypatch):
     inputs = [backend.array(x[n], backend.dtypes["float32"]) for n in NAMES]
     backend.attention(*(a[:, :1] for a in inputs if a is not None), None, config=config)
     backend.attention(*(a for a in inputs if a is not None), None, config=config)
-    assert calls == [("cpu" if built else "step", (1, 1, 2, 4))]  # one token: a step; three: chunk
+    if backend.attention is dla_mlx.dla_attention and mx.metal.is_available():
+        assert calls == [("metal", (1, 1, 2, 4)), ("metal", (1, 3, 2, 4))]
+    else:
+        assert calls == [("cpu" if built else "step", (1, 1, 2, 4))]  # one token: a step; three: chunk
 
 
 def test_torch_auto_decodes_with_the_differentiable_step_when_gradients_are_needed(monkeypatch):

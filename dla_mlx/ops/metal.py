@@ -103,7 +103,7 @@ def _thresholds(config, H):
 def _template(config, Dk, Dv, L, H, nsg, delta):
     return [("Dk", Dk), ("Dv", Dv), ("L", L), ("H", H), ("NSG", nsg),
             ("POLICY", policy.POLICY_IDS[config.policy]), ("MERGE", policy.MERGE_IDS[config.merge]),
-            ("SCORE", policy.SCORE_IDS[config.score]), ("DELTA", delta)]
+            ("SCORE", policy.SCORE_IDS[config.score]), ("DELTA", delta), ("SCORED", config.scored)]
 
 
 def metal_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):

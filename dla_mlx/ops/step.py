@@ -122,12 +122,11 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
     B, T = q.shape[:2]
-    S = mx.array(state.S)  # a copy, which the C step then updates in place
     inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
-    mx.eval(S, *inputs, *(getattr(state, f) for f in DLAState.FIELDS[1:]))  # once, then read through views
+    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, then read through views
     x = lambda a: None if a is None else np.asarray(a)  # a view of MLX's buffer, not a copy
-    if not x(S).flags.c_contiguous:  # the copy keeps a broadcast or transposed state's layout
-        S = mx.array(np.ascontiguousarray(x(S)))
+    # A C-contiguous copy (one copy; two for a broadcast or transposed state), which the C step updates in place.
+    S = mx.array(np.ascontiguousarray(x(state.S)), dtype=state.S.dtype)  # numpy float64 would become float32
     active = np.ones((B, T), bool) if mask is None else x(mask)
     o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
                                  *(x(getattr(state, f)) for f in DLAState.FIELDS[1:]), inplace=True)
