@@ -1,8 +1,10 @@
 // One token through the cache of every (row, head): the transition of the L states, the score, the
 // policy's decisions, the merges, the write and the read. The mirror of `dla_mlx.ops.reference` for T = 1.
 // Launch: one threadgroup per (row, head), grid (32 * NSG, 1, B * H); thread j owns column j of every
-// state. States are float32 [B, H, L, Dk, Dv]; q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], lam [B, H, L],
-// n, ibar [B, H, L], opened [B, H] (boundaries so far), pos, active [B], threshold [H] (one per head).
+// state. States are float32 [B, H, L, Dk, Dv], read in the physical layout of `DLAState` (slot i is
+// S_decay * S_in[slot[i]]; slot int32 [B, H, L], S_decay [B, H]) and written in the canonical one (slot i at
+// index i); q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], lam [B, H, L], n, ibar [B, H, L], opened [B, H]
+// (boundaries so far), pos, active [B], threshold [H] (one per head).
 // Inputs are float32. Templates: Dk, Dv, L, H, NSG, POLICY, MERGE, SCORE, DELTA, SCORED.
 uint bh = threadgroup_position_in_grid.z;
 uint b = bh / H;
@@ -10,8 +12,10 @@ uint h = bh % H;
 uint j = thread_position_in_threadgroup.x;
 bool col = j < Dv;
 bool on = active[b];
-const device float* S0 = S_in + bh * L * Dk * Dv;
+#define BUFFER(i) (S_in + (bh * L + slot[bh * L + (i)]) * Dk * Dv)  // slot i's buffer
+const device float* S0 = BUFFER(0);
 device float* S1 = S_out + bh * L * Dk * Dv;
+float carried = S_decay[bh];  // the old states are `carried` times their buffers
 const device float* k_ = k + bh * Dk;
 const device float* q_ = q + bh * Dk;
 float decay = exp(g[bh]);
@@ -28,7 +32,7 @@ if (SCORED) {
     float kS = 0.0f;
     if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * S0[r * Dv + j];
     for (int r = 0; r < Dk; ++r) {
-      float s = decay * (S0[r * Dv + j] - bt * k_[r] * kS);
+      float s = decay * carried * (S0[r * Dv + j] - bt * k_[r] * kS);
       terms[0] += s * s;
       terms[1] += s * k_[r] * bt * vj;
     }
@@ -57,15 +61,16 @@ if (j == 0) {
 if (col) {
   float o = 0.0f;
   if (!on) {  // padding changes nothing and reads zero
-    for (int e = 0; e < L * Dk; ++e) S1[e * Dv + j] = S0[e * Dv + j];
+    for (int i = 0; i < L; ++i)
+      for (int r = 0; r < Dk; ++r) S1[(i * Dk + r) * Dv + j] = carried * BUFFER(i)[r * Dv + j];
   } else {
     for (int e = 0; e < L * Dk; ++e) S1[e * Dv + j] = 0.0f;
     for (int i = 0; i < L; ++i) {  // transition every state, and move it to its new slot
-      const device float* Si = S0 + i * Dk * Dv;
+      const device float* Si = BUFFER(i);
       float kS = 0.0f;
       if (DELTA) for (int r = 0; r < Dk; ++r) kS += k_[r] * Si[r * Dv + j];
       device float* Sd = S1 + dest[i] * Dk * Dv;
-      for (int r = 0; r < Dk; ++r) Sd[r * Dv + j] += decay * (Si[r * Dv + j] - bt * k_[r] * kS);
+      for (int r = 0; r < Dk; ++r) Sd[r * Dv + j] += decay * carried * (Si[r * Dv + j] - bt * k_[r] * kS);
     }
     for (int r = 0; r < Dk; ++r) S1[r * Dv + j] += bt * k_[r] * vj;  // the write into slot 0
     for (int i = 0; i < L; ++i) {

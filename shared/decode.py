@@ -1,7 +1,9 @@
 """One token of DLA for every (row, head) on the CPU, compiled (`_decode.c`, built at install with the decision
 scan when a C compiler is there): what `dla_torch.ops.step` and `dla_mlx.ops.step` run on the CPU when no
-gradient is needed. The same computation as their ops step (DESIGN section 2), reading the K states once and
-writing them once; not differentiable. `available()` says whether it was built."""
+gradient is needed. The same computation as their ops step (DESIGN section 2) on the states' physical layout
+(`dla_shared.state`): a token reads the K states once and writes only what changes (one state for the
+diagonal transition, each state for the delta rule); not differentiable. `available()` says whether it was
+built."""
 
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ def available() -> bool:
     return _decode is not None
 
 
-def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, *,
-           inplace: bool = False):
+def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n, ibar, pos, opened, slot=None,
+           decay=None, *, inplace: bool = False):
     """A [B, T] block, one token at a time; numpy arrays of one float dtype (float32 or float64; bookkeeping
-    int64, ``ibar`` in that dtype): q, k [B, T, H, Dk], v [B, T, H, Dv], g and beta (None: the diagonal
-    transition) [B, T, H], lam [B, T, H, L], active bool [B, T], S [B, H, L, Dk, Dv] and the bookkeeping of
-    `DLAState` (n, ibar [B, H, L], pos [B], opened [B, H]). Returns (o [B, T, H, Dv], S, n, ibar, pos,
-    opened): the bookkeeping in new arrays; the states in a new array, or with ``inplace`` in S itself (then a
-    C-contiguous, writable array), which saves a copy of the K states where the caller made S its own."""
+    int64, ``ibar`` and ``decay`` in that dtype): q, k [B, T, H, Dk], v [B, T, H, Dv], g and beta (None: the
+    diagonal transition) [B, T, H], lam [B, T, H, L], active bool [B, T], and a `DLAState`'s arrays: S
+    [B, H, L, Dk, Dv], n, ibar [B, H, L], pos [B], opened [B, H], and slot [B, H, L] and decay [B, H] in the
+    physical layout (None: the canonical one). Returns (o [B, T, H, Dv], S, n, ibar, pos, opened, slot,
+    decay), the state in the physical layout: the bookkeeping in new arrays; the states in a new array, or
+    with ``inplace`` in S itself (then a C-contiguous, writable array), which saves a copy of the K states
+    where the caller made S its own."""
     B, H, L, Dk, Dv = S.shape
     T = np.shape(q)[1] if np.ndim(q) == 4 else 0
     dtype = S.dtype
@@ -37,16 +41,19 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
         raise ValueError("inplace=True needs S C-contiguous and writable")
     expected = [("q", q, (B, T, H, Dk)), ("k", k, (B, T, H, Dk)), ("v", v, (B, T, H, Dv)), ("g", g, (B, T, H)),
                 ("beta", beta, (B, T, H)), ("lam", lam, (B, T, H, L)), ("active", active, (B, T)),
-                ("n", n, (B, H, L)), ("ibar", ibar, (B, H, L)), ("pos", pos, (B,)), ("opened", opened, (B, H))]
+                ("n", n, (B, H, L)), ("ibar", ibar, (B, H, L)), ("pos", pos, (B,)), ("opened", opened, (B, H)),
+                ("slot", slot, (B, H, L)), ("decay", decay, (B, H))]
     for name, x, shape in expected:  # the C loop trusts these sizes
-        if not (name == "beta" and x is None) and np.shape(x) != shape:
+        if not (name in ("beta", "slot", "decay") and x is None) and np.shape(x) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} for S of shape {list(S.shape)}, "
                              f"got {list(np.shape(x))}")
     policy.check_levels(config, int((pos + np.sum(active, axis=1)).max(initial=0)))
     c = lambda x, t=dtype: np.ascontiguousarray(x, t)
     S = S if inplace else np.array(S, order="C")
-    n, ibar, pos, opened = (np.array(x, t, order="C") for x, t in ((n, np.int64), (ibar, dtype), (pos, np.int64),
-                                                                  (opened, np.int64)))
+    if slot is None:  # the canonical layout
+        slot, decay = np.broadcast_to(np.arange(L), (B, H, L)), np.ones((B, H), dtype)
+    n, ibar, pos, opened, slot, decay = (np.array(x, t, order="C") for x, t in (
+        (n, np.int64), (ibar, dtype), (pos, np.int64), (opened, np.int64), (slot, np.int64), (decay, dtype)))
     tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
     o = np.empty((B, T, H, Dv), dtype)
     for t in range(T):
@@ -55,9 +62,9 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
             policy.POLICY_IDS[config.policy], config.score == "state_drift", config.merge == "oldest", config.scored,
             dtype == np.float64, config.block_size, config.eps, float(scale), (B, H, Dk, Dv, L), c(q[:, t]),
             c(k[:, t]), c(v[:, t]), c(g[:, t]), b"" if beta is None else c(beta[:, t]), c(lam[:, t]),
-            c(active[:, t], np.uint8), S, tau, n, ibar, pos, opened, o_t)
+            c(active[:, t], np.uint8), S, slot, decay, tau, n, ibar, pos, opened, o_t)
         if overflow:  # check_levels refuses it first; the loop stops at it too
             raise ValueError(f"policy='fenwick' with capacity={L} levels holds at most {2 ** (L - 1)} tokens; "
                              f"position {overflow} needs a larger DLAConfig.capacity")
         o[:, t] = o_t
-    return o, S, n, ibar, pos, opened
+    return o, S, n, ibar, pos, opened, slot, decay

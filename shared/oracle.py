@@ -26,7 +26,7 @@ import numpy as np
 
 from . import policy
 from .config import DLAConfig
-from .state import DLAState, check_inputs
+from .state import DLAState, canonical, check_inputs
 
 
 @dataclasses.dataclass
@@ -108,7 +108,8 @@ def _run(q, k, v, g, lam, beta, config, scale, mask, initial_state, cu_seqlens):
     beta_of = (lambda b, t, h: 1.0) if beta is None else (lambda b, t, h: beta[b, t, h])
     empty = lambda: DLAState(np.zeros((N, H, L, Dk, Dv)), np.zeros((N, H, L), np.int64), np.zeros((N, H, L)),
                              np.zeros(N, np.int64), np.zeros((N, H), np.int64))
-    init = {f: np.asarray(getattr(initial_state or empty(), f)) for f in DLAState.FIELDS}
+    init = canonical((initial_state or empty()).map(lambda f, x: np.asarray(x)))
+    init = {f: getattr(init, f) for f in DLAState.FIELDS}
     thresholds = config.thresholds(H)
 
     # Each sequence: (row, first token, end); with cu_seqlens all sit in row 0.

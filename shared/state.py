@@ -4,14 +4,20 @@
 
 =====  ===================  ===============================================================
 S      [N, H, L, Dk, Dv]    the states, float32 (float64 for float64 inputs); slot i at index i,
-                            newest first (see `dla_shared.policy`)
+                            newest first (see `dla_shared.policy`), unless ``slot`` is given
 n      [N, H, L] int64      tokens held by each slot, 0 = empty
 ibar   [N, H, L] float      sum of the information scores of each slot's tokens (dtype of S); 0
                             where no decision reads a score (`DLAConfig.scored`)
 pos    [N] int64            tokens each sequence has seen
 opened [N, H] int64         boundaries so far: tokens after each sequence's first that opened a
                             state (its open rate is ``opened / (pos - 1)``)
+slot   [N, H, L] int64      optional (the physical layout): slot i's state is ``decay * S[..., slot[i],
+decay  [N, H]               :, :]``, so that a decode step moves no state and rescales none (DESIGN
+                            section 3); None: the canonical layout (``slot[i] = i``, ``decay = 1``)
 =====  ===================  ===============================================================
+
+The compiled decode step (``impl="cpu"``) keeps states in the physical layout; every other impl takes either
+layout (`canonical` gives the other) and returns the canonical one.
 
 N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states always sum
 to the single-state base model's state, and ``n.sum(-1) == pos`` for every head.
@@ -39,14 +45,44 @@ class DLAState:
     ibar: Any
     pos: Any
     opened: Any
+    slot: Any = None
+    decay: Any = None
     config: DLAConfig | None = None
 
-    FIELDS = ("S", "n", "ibar", "pos", "opened")  # the arrays
+    FIELDS = ("S", "n", "ibar", "pos", "opened")  # the arrays every state has
+    LAYOUT = ("slot", "decay")  # the arrays of the physical layout
+
+    def fields(self) -> tuple:
+        """The names of the arrays this state holds: `FIELDS`, and `LAYOUT` in the physical layout."""
+        return self.FIELDS if self.slot is None else self.FIELDS + self.LAYOUT
+
+    def map(self, fn) -> "DLAState":
+        """The state with ``fn(name, array)`` applied to each of its arrays (same config)."""
+        return dataclasses.replace(self, **{f: fn(f, getattr(self, f)) for f in self.fields()})
 
     @property
     def num_states(self):
         """Occupied slots per (sequence, head): [N, H]."""
         return (self.n > 0).sum(-1)
+
+
+def canonical(state: DLAState, take_along_axis=np.take_along_axis) -> DLAState:
+    """``state`` in the canonical layout (slot i at index i; itself if it is): one gather and product of the
+    states. ``take_along_axis(a, indices, axis)`` is the backend's (numpy's, ``mx.take_along_axis``,
+    ``torch.take_along_dim``)."""
+    if state.slot is None:
+        return state
+    S = take_along_axis(state.S, state.slot[..., None, None], 2) * state.decay[..., None, None, None]
+    return dataclasses.replace(state, S=S, slot=None, decay=None)
+
+
+def physical(state: DLAState, arange, ones) -> DLAState:
+    """``state`` in the physical layout (itself if it is): ``slot[i] = i`` and ``decay = 1`` made with the
+    backend's ``arange(L)`` and ``ones(shape, dtype)``."""
+    if state.slot is not None:
+        return state
+    N, H, L = state.n.shape
+    return dataclasses.replace(state, slot=state.n * 0 + arange(L), decay=ones((N, H), state.S.dtype))
 
 
 def decay_floor(eps: float) -> float:
@@ -76,7 +112,7 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
     if array_type is not None:
         named = {"q": q, "k": k, "v": v, "g": g, "lam": lam, "beta": beta}
         if isinstance(initial_state, DLAState):
-            named |= {f"initial_state.{f}": getattr(initial_state, f) for f in DLAState.FIELDS}
+            named |= {f"initial_state.{f}": getattr(initial_state, f) for f in initial_state.fields()}
         for name, x in named.items():
             if x is not None and not isinstance(x, array_type):
                 raise TypeError(f"{name} must be a {array_type.__module__}.{array_type.__name__} for this backend's "
@@ -139,6 +175,11 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
             "pos": (N,),
             "opened": (N, H),
         }
+        if (initial_state.slot is None) != (initial_state.decay is None):
+            raise ValueError("initial_state.slot and initial_state.decay come together (the physical layout) or "
+                             "not at all")
+        if initial_state.slot is not None:
+            shapes |= {"slot": (N, H, L), "decay": (N, H)}
         for name, shape in shapes.items():
             got = tuple(getattr(initial_state, name).shape)
             if got != shape:
@@ -187,3 +228,10 @@ def check_bookkeeping(state: DLAState) -> None:
                          f"got {opened.tolist()} for pos {pos.tolist()}")
     if not np.isfinite(ibar).all():
         raise ValueError("initial_state.ibar must be finite")
+    if state.slot is not None:
+        slot, decay = host(state.slot), host(state.decay)
+        if slot.dtype.kind not in "iu" or (np.sort(slot, axis=-1) != np.arange(slot.shape[-1])).any():
+            raise ValueError("initial_state.slot must give each (sequence, head) a permutation of its buffers "
+                             f"0..{slot.shape[-1] - 1}")
+        if not (np.isfinite(decay) & (decay > 0)).all():
+            raise ValueError("initial_state.decay must be finite and > 0")

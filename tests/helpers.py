@@ -18,6 +18,7 @@ import dla_shared
 import dla_torch
 from dla_shared import DLAConfig, DLAState, inspect
 from dla_shared.config import POLICIES  # noqa: F401 (re-exported: the tests' policies are the config's)
+from dla_shared.state import canonical
 from dla_torch.models import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config, DLAMamba2ForCausalLM
 
 NAMES = ("q", "k", "v", "g", "lam", "beta")
@@ -81,9 +82,9 @@ def to_torch(x, dtype=torch.float64, requires_grad=False):
         return {name: to_torch(v, dtype, requires_grad) for name, v in x.items()}
     if isinstance(x, list):
         return [to_torch(v, dtype, requires_grad) for v in x]
-    if isinstance(x, DLAState):
-        return DLAState(to_torch(x.S, dtype, requires_grad), torch.tensor(np.asarray(x.n)),
-                        to_torch(x.ibar, dtype), torch.tensor(np.asarray(x.pos)), torch.tensor(np.asarray(x.opened)))
+    if isinstance(x, DLAState):  # the states (and decay) in ``dtype``, the rest as they are
+        return x.map(lambda f, a: to_torch(a, dtype, requires_grad and f == "S") if f in ("S", "ibar", "decay")
+                     else torch.tensor(np.asarray(a)))
     return torch.tensor(np.asarray(x), dtype=dtype, requires_grad=requires_grad)
 
 
@@ -95,19 +96,31 @@ def to_mlx(x, dtype=mx.float64):
     if isinstance(x, list):
         return [to_mlx(v, dtype) for v in x]
     if isinstance(x, DLAState):
-        return DLAState(to_mlx(x.S, dtype), mx.array(np.asarray(x.n)), to_mlx(x.ibar, dtype),
-                        mx.array(np.asarray(x.pos)), mx.array(np.asarray(x.opened)))
+        return x.map(lambda f, a: to_mlx(a, dtype) if f in ("S", "ibar", "decay") else mx.array(np.asarray(a)))
     return mx.array(np.asarray(x), dtype=dtype)
 
 
 def to_numpy(x):
     if x is None:
         return None
-    if isinstance(x, DLAState):
-        return DLAState(*(to_numpy(getattr(x, f)) for f in DLAState.FIELDS))
+    if isinstance(x, DLAState):  # in the canonical layout, to compare states of every impl
+        return canonical(x.map(lambda f, a: to_numpy(a)))
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def scrambled(state: DLAState, seed=0) -> DLAState:
+    """The same states in a physical layout (`dla_shared.state`), as numpy arrays: each (sequence, head)'s
+    buffers in a random order, each divided by a random decay in [0.5, 2)."""
+    state = to_numpy(state)
+    rng = np.random.default_rng(seed)
+    N, H, L = state.n.shape
+    slot = np.argsort(rng.random((N, H, L)), axis=-1)  # slot i's buffer
+    decay = rng.uniform(0.5, 2, (N, H)).astype(state.S.dtype)
+    S = np.empty_like(state.S)
+    np.put_along_axis(S, slot[..., None, None], state.S / decay[..., None, None, None], axis=2)
+    return DLAState(S, state.n, state.ibar, state.pos, state.opened, slot, decay)
 
 
 def rel_err(ref, x) -> float:

@@ -30,6 +30,7 @@ from helpers import (
     head_thresholds,
     make_inputs,
     prefix_state,
+    scrambled,
     to_mlx,
 )
 from metal_emu.harness import emulate, translate
@@ -87,13 +88,15 @@ def test_scan_kernel(launcher, name, delta, T):
     np.testing.assert_allclose(np.array(ibar2), ibar, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["canonical", "physical"])
 @pytest.mark.parametrize("delta", TRANSITIONS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_decode_kernel(launcher, name, delta):
+def test_decode_kernel(launcher, name, delta, layout):
+    """The kernel reads a state in either layout (`dla_shared.state`) and writes the canonical one."""
     config = make_config(name, delta)
     x = make_inputs(config, T=30, delta=delta, **SHAPE)
     state, tail = prefix_state(config, x, 29)
-    state = to_mlx(state, mx.float32)
+    state = to_mlx(state if layout == "canonical" else scrambled(state), mx.float32)
     args = [to_mlx(tail[n], mx.float32) for n in NAMES]
     mask = mx.array([[True], [False]])  # row 1: a padded step changes nothing
     o, final = dla_mlx.dla_attention(*args, config=config, scale=0.7, mask=mask, initial_state=state,

@@ -119,8 +119,9 @@ def test_mlx_lm_generate_is_greedy_decoding_and_prompt_caches_continue(tmp_path,
 
 
 def test_a_prompt_cache_continues_only_in_a_model_with_the_same_cache(tmp_path, tokenizer_dir):
-    """A prompt cache saved from a `dla` model, loaded into a `fenwick` one (or one whose thresholds differ), is
-    refused instead of running with other outputs; a cache for another batch size says so."""
+    """A prompt cache saved from a `dla` model, loaded into a `fenwick` one (or one whose thresholds differ), or
+    made by an older version (no physical layout), is refused instead of running with other outputs; a cache for
+    another batch size says so."""
     _, model, _ = converted("gdn", "dla", tmp_path / "dla", tokenizer_dir)
     _, other, _ = converted("gdn", "fenwick", tmp_path / "fenwick", tokenizer_dir)
     cache = model.make_cache()
@@ -134,6 +135,13 @@ def test_a_prompt_cache_continues_only_in_a_model_with_the_same_cache(tmp_path, 
         model(mx.array([[4]]), cache=load_prompt_cache(str(tmp_path / "prompt.safetensors")))
     with pytest.raises(ValueError, match="the cache holds 1 sequences but the input has batch size 2"):
         model(mx.array([[4], [5]]), cache=cache)
+    older = []  # a cache of the layout before slot and decay: the state's five arrays, then the signature
+    for c in cache:
+        entries = c.cache[: model.conv_states + 5] + c.cache[-1:]
+        older.append(ArraysCache(size=len(entries)))
+        older[-1].cache = entries
+    with pytest.raises(ValueError, match="or by an older version of dla"):
+        model(mx.array([[4]]), cache=older)
 
 
 def test_left_padded_batch_equals_each_row_alone(tmp_path, tokenizer_dir):

@@ -2,7 +2,8 @@
 
 The layer cache is a plain mlx-lm ``ArraysCache`` (so `mlx_lm.generate`, batch generation and prompt-cache
 files work unchanged) whose entries are the layer's convolution states followed by DLA's state:
-``[conv..., S, n, ibar, pos, opened, signature]`` (`DLAState.FIELDS`, then `get_state`'s signature).
+``[conv..., S, n, ibar, pos, opened, slot, decay, signature]`` (`ENTRIES`, the state in its physical layout,
+then `get_state`'s signature).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
 from dla_shared import DLAConfig, DLAState
-from dla_shared.state import cache_signature
+from dla_shared.state import cache_signature, physical
 
 # Parameters kept out of quantization and of dtype casts: decay, skip, read weights and their projections,
 # thresholds.
@@ -101,26 +102,32 @@ def dla_mixers(model) -> list[DLAMixer]:
     return [m for layer in model.layers for m in layer.children().values() if isinstance(m, DLAMixer)]
 
 
+ENTRIES = DLAState.FIELDS + DLAState.LAYOUT  # a layer cache's DLA entries, then the signature
+
+
 def get_state(cache, first: int, config: DLAConfig, H: int):
-    """The DLAState kept in ``cache[first:first + 5]`` (`DLAState.FIELDS`), or None before the first call.
-    ``cache[first + 5]`` [N, 5 + H] holds the signature of the cache that made it (`cache_signature`), so a
-    cache made by a model with another DLA config (a prompt cache loaded into another model) is refused."""
+    """The DLAState kept in ``cache[first:first + 7]`` (`ENTRIES`, the physical layout), or None before the
+    first call. ``cache[first + 7]`` [N, 5 + H] holds the signature of the cache that made it
+    (`cache_signature`), so a cache made by a model with another DLA config (a prompt cache loaded into another
+    model), or by an older version of this library, is refused."""
     if cache is None or cache[first] is None:
         return None
-    stored = cache[first + len(DLAState.FIELDS)]
+    stored = cache[first + len(ENTRIES)] if len(cache.cache) == first + len(ENTRIES) + 1 else None
     if stored is None or not (np.array(stored) == cache_signature(config, H)).all():
         raise ValueError(f"this cache was made by a model whose DLA cache differs from this model's "
-                         f"(policy={config.policy!r}, {config.num_slots} slots, its thresholds); make a new one "
-                         "with model.make_cache()")
-    return DLAState(*(cache[first + i] for i in range(len(DLAState.FIELDS))), config=config)
+                         f"(policy={config.policy!r}, {config.num_slots} slots, its thresholds) or by an older "
+                         "version of dla; make a new one with model.make_cache()")
+    return DLAState(**{f: cache[first + i] for i, f in enumerate(ENTRIES)}, config=config)
 
 
 def set_state(cache, first: int, state: DLAState):
-    for i, field in enumerate(DLAState.FIELDS):
+    # Always in the physical layout, so that mlx-lm's batch operations (filter, extend, merge) find one shape.
+    state = physical(state, mx.arange, mx.ones)
+    for i, field in enumerate(ENTRIES):
         cache[first + i] = getattr(state, field)
-    # One row per sequence, so that mlx-lm's batch operations (filter, extend, merge) carry it as the rest.
+    # One row per sequence, so that the batch operations carry it as the rest.
     signature = cache_signature(state.config, state.n.shape[1])
-    cache[first + len(DLAState.FIELDS)] = mx.broadcast_to(mx.array(signature), (state.n.shape[0], signature.size))
+    cache[first + len(ENTRIES)] = mx.broadcast_to(mx.array(signature), (state.n.shape[0], signature.size))
 
 
 def offsets(sizes):
@@ -158,7 +165,7 @@ class CausalLM(nn.Module):
         return self.body.layers
 
     def make_cache(self, batch_size: int = 1):
-        return [ArraysCache(size=self.conv_states + len(DLAState.FIELDS) + 1) for _ in self.layers]
+        return [ArraysCache(size=self.conv_states + len(ENTRIES) + 1) for _ in self.layers]
 
     def sanitize(self, weights):
         """Torch checkpoints store depthwise convolution weights [C, 1, W]; MLX's are [C, W, 1]. A checkpoint

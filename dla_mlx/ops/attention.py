@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from dla_shared import DLAConfig, DLAState, decode
-from dla_shared.state import check_inputs
+from dla_shared.state import canonical, check_inputs
 
 from .chunk import dla_chunk
 from .metal import dla_metal
@@ -68,7 +68,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     if mask is not None:  # padding may hold anything; zeros keep NaN out of outputs and gradients
         keep = lambda x: None if x is None else mx.where(mask.reshape(B, T, *[1] * (x.ndim - 2)), x, 0)
         q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
-    state = empty_state(N, H, L, Dk, Dv, dtype) if initial_state is None else _cast_state(initial_state, dtype)
+    state = (empty_state(N, H, L, Dk, Dv, dtype) if initial_state is None
+             else _cast_state(initial_state, dtype, layout=impl in ("cpu", "metal")))
 
     run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],
                                        None if beta is None else beta[:, s:e],
@@ -79,7 +80,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         bounds = cu_seqlens.tolist()
         pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
         o = mx.concatenate([p[0] for p in pieces], axis=1)
-        state = DLAState(*(mx.concatenate([getattr(p[1], f) for p in pieces]) for f in DLAState.FIELDS))
+        state = DLAState(**{f: mx.concatenate([getattr(p[1], f) for p in pieces]) for f in pieces[0][1].fields()})
     return o.astype(out_dtype), (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
@@ -89,11 +90,13 @@ def empty_state(N, H, L, Dk, Dv, dtype=mx.float32) -> DLAState:
                     mx.zeros((N, H, L), dtype=dtype), mx.zeros((N,), dtype=mx.int64), mx.zeros((N, H), dtype=mx.int64))
 
 
-def _cast_state(state: DLAState, dtype) -> DLAState:
+def _cast_state(state: DLAState, dtype, layout: bool) -> DLAState:
+    """States in ``dtype``, in the layout they came in if ``layout`` (for the kernels), else in the canonical
+    one; the bookkeeping int64 (ibar and decay in ``dtype``)."""
+    state = state if layout else canonical(state, mx.take_along_axis)
     cast = lambda x, d: x if x.dtype == d else x.astype(d)  # astype copies even to the same dtype
-    return DLAState(cast(state.S, dtype), cast(state.n, mx.int64), cast(state.ibar, dtype),
-                    cast(state.pos, mx.int64), cast(state.opened, mx.int64))
+    return state.map(lambda f, x: cast(x, dtype if f in ("S", "ibar", "decay") else mx.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:
-    return DLAState(*(getattr(state, f)[i : i + 1] for f in DLAState.FIELDS))
+    return state.map(lambda f, x: x[i : i + 1])

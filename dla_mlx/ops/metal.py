@@ -3,7 +3,8 @@
 Each kernel mirrors an ops path that is its fallback and its test oracle:
 
 - ``dla_decode``: one token for every (row, head), transition, score, decisions, merges, write and read
-  in one pass; the mirror of `dla_mlx.ops.reference` for T = 1.
+  in one pass; the mirror of `dla_mlx.ops.reference` for T = 1. It reads a state in either layout
+  (`dla_shared.state`; the models' caches keep the physical one) and writes the canonical one.
 - ``dla_scan``: the decisions of the chunkwise prefill (``sigma``); the mirror of `dla_shared.scan`.
 
 A `Launch` holds everything ``mx.fast.metal_kernel`` is given (sources, input and output names, inputs,
@@ -20,13 +21,14 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from dla_shared import policy
-from dla_shared.state import DLAState
+from dla_shared.state import DLAState, canonical, physical
 
 from .chunk import dla_chunk
 
 HEADER = "dla_common.h"
 NAMES = {  # kernel: (input names, output names)
-    "dla_decode": (["q", "k", "v", "g", "beta", "lam", "S_in", "n_in", "ibar_in", "opened_in", "pos", "active",
+    "dla_decode": (["q", "k", "v", "g", "beta", "lam", "S_in", "slot", "S_decay", "n_in", "ibar_in", "opened_in",
+                    "pos", "active",
                     "scale", "threshold", "eps", "block_size"], ["out", "S_out", "n_out", "ibar_out", "opened_out"]),
     "dla_scan": (["k", "v", "g", "beta", "active", "X_in", "n_in", "ibar_in", "opened_in", "pos", "T", "threshold",
                   "eps", "block_size"], ["sigma", "n_out", "ibar_out", "opened_out"]),
@@ -63,14 +65,17 @@ def run(launch: Launch) -> list:
 
 
 def decode_launch(config, q, k, v, g, lam, beta, active, state: DLAState, scale) -> Launch:
-    """One token: q, k [B, H, Dk], v [B, H, Dv], g and beta (or None) [B, H], lam [B, H, L], active bool [B].
-    Outputs: o [B, H, Dv], S [B, H, L, Dk, Dv], n int32 [B, H, L], ibar [B, H, L], opened int32 [B, H]."""
+    """One token: q, k [B, H, Dk], v [B, H, Dv], g and beta (or None) [B, H], lam [B, H, L], active bool [B];
+    ``state`` in either layout. Outputs: o [B, H, Dv], S [B, H, L, Dk, Dv] (canonical layout), n int32
+    [B, H, L], ibar [B, H, L], opened int32 [B, H]."""
     B, H, Dk = q.shape
     Dv, L = v.shape[-1], state.S.shape[2]
     f32 = lambda x: x.astype(mx.float32)
     delta = beta is not None
     beta = f32(beta) if delta else mx.zeros((B, H))
-    inputs = [f32(q), f32(k), f32(v), f32(g), beta, f32(lam), f32(state.S), state.n.astype(mx.int32),
+    state = physical(state, mx.arange, mx.ones)
+    inputs = [f32(q), f32(k), f32(v), f32(g), beta, f32(lam), f32(state.S), state.slot.astype(mx.int32),
+              f32(state.decay), state.n.astype(mx.int32),
               f32(state.ibar), state.opened.astype(mx.int32), state.pos.astype(mx.int32), active, float(scale),
               _thresholds(config, H), float(config.eps), int(config.block_size)]
     nsg = -(-Dv // 32)
@@ -125,6 +130,7 @@ def dla_metal(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
         raise ValueError("impl='metal' computes in float32; use impl='chunk' or 'reference' for float64 inputs")
     B, T = q.shape[:2]
     if T != 1:
+        state = canonical(state, mx.take_along_axis)
         return dla_chunk(q, k, v, g, lam, beta, mask, state, config=config, scale=scale, decide=metal_scan)
     active = mx.ones((B,), dtype=mx.bool_) if mask is None else mask[:, 0]
     pos = state.pos + active.astype(mx.int64)

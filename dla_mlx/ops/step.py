@@ -117,18 +117,18 @@ def _move(x, dest, config):
 
 def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     """`dla_step`'s computation compiled (`dla_shared.decode`, one token at a time, on the host; no gradient):
-    returns (o [B, T, H, Dv], final DLAState)."""
+    returns (o [B, T, H, Dv], final DLAState in the physical layout)."""
     if not decode.available():
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
     B, T = q.shape[:2]
     inputs = [a for a in (q, k, v, g, lam, beta, mask) if a is not None]
-    mx.eval(*inputs, *(getattr(state, f) for f in DLAState.FIELDS))  # once, then read through views
+    mx.eval(*inputs, *(getattr(state, f) for f in state.fields()))  # once, then read through views
     x = lambda a: None if a is None else np.asarray(a)  # a view of MLX's buffer, not a copy
     # A C-contiguous copy (one copy; two for a broadcast or transposed state), which the C step updates in place.
     S = mx.array(np.ascontiguousarray(x(state.S)), dtype=state.S.dtype)  # numpy float64 would become float32
     active = np.ones((B, T), bool) if mask is None else x(mask)
     o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
-                                 *(x(getattr(state, f)) for f in DLAState.FIELDS[1:]), inplace=True)
-    dtypes = [getattr(state, f).dtype for f in DLAState.FIELDS[1:]]  # numpy's float64 would come back as float32
+                                 *(x(getattr(state, f)) for f in DLAState.FIELDS[1:] + DLAState.LAYOUT), inplace=True)
+    dtypes = [a.dtype for a in (state.n, state.ibar, state.pos, state.opened, state.n, state.S)]  # not numpy's
     return mx.array(o, dtype=q.dtype), DLAState(S, *(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dla_shared import DLAConfig, DLAState, decode
-from dla_shared.state import check_inputs
+from dla_shared.state import canonical, check_inputs
 
 from .chunk import dla_chunk, needs_grad
 from .reference import dla_reference
@@ -68,7 +68,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
         q, k, v, g, lam, beta = map(keep, (q, k, v, g, lam, beta))
     books = q.device if impl == "step" else torch.device("cpu")  # where the bookkeeping is read
     state = (empty_state(N, H, L, Dk, Dv, dtype, q.device, books) if initial_state is None
-             else _cast_state(initial_state, dtype, books))
+             else _cast_state(initial_state, dtype, books, layout=impl == "cpu"))
 
     run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale)
     inputs = (q, k, v, g, lam, beta, mask)
@@ -90,7 +90,7 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
             parts = [run(_index_state(state, i), *(None if x is None else x[:, s:e] for x in inputs))
                      for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
             o = torch.cat([part[0] for part in parts], dim=1)
-            state = DLAState(*(torch.cat([getattr(part[1], f) for part in parts]) for f in DLAState.FIELDS))
+            state = DLAState(**{f: torch.cat([getattr(part[1], f) for part in parts]) for f in parts[0][1].fields()})
     return o.to(out_dtype), (dataclasses.replace(state, config=config) if output_final_state else None)
 
 
@@ -103,11 +103,14 @@ def empty_state(N, H, L, Dk, Dv, dtype=torch.float32, device=None, books="cpu") 
                     torch.zeros(N, dtype=torch.int64, device=books), torch.zeros(N, H, dtype=torch.int64, device=books))
 
 
-def _cast_state(state: DLAState, dtype, books) -> DLAState:
-    """States in ``dtype`` where they are; the bookkeeping on ``books`` (int64, ibar in ``dtype``)."""
-    return DLAState(state.S.to(dtype), state.n.to(books, torch.int64), state.ibar.to(books, dtype),
-                    state.pos.to(books, torch.int64), state.opened.to(books, torch.int64))
+def _cast_state(state: DLAState, dtype, books, layout: bool) -> DLAState:
+    """States in ``dtype`` where they are, in the layout they came in if ``layout`` (for impl='cpu'), else in
+    the canonical one; the bookkeeping on ``books`` (int64; ibar and decay in ``dtype``)."""
+    if not layout and state.slot is not None:
+        state = canonical(state.map(lambda f, x: x.to(state.S.device)), torch.take_along_dim)
+    return state.map(lambda f, x: x.to(dtype) if f == "S" else x.to(books, dtype if f in ("ibar", "decay") else
+                                                                       torch.int64))
 
 
 def _index_state(state: DLAState, i: int) -> DLAState:
-    return DLAState(*(getattr(state, f)[i : i + 1] for f in DLAState.FIELDS))
+    return state.map(lambda f, x: x[i : i + 1])

@@ -142,7 +142,7 @@ def _move(x, dest, config, decay):
 
 def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     """`dla_step`'s computation compiled (`dla_shared.decode`, one token at a time): CPU tensors, no gradient;
-    returns (o [B, T, H, Dv], final DLAState)."""
+    returns (o [B, T, H, Dv], final DLAState in the physical layout)."""
     if not decode.available():
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
@@ -154,5 +154,5 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     x = lambda t: None if t is None else t.detach().numpy()
     active = np.ones((B, T), bool) if mask is None else x(mask.cpu())
     o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
-                              *(x(getattr(state, f)) for f in DLAState.FIELDS))
+                              *(x(getattr(state, f)) for f in DLAState.FIELDS + DLAState.LAYOUT))
     return torch.from_numpy(o), DLAState(*map(torch.from_numpy, books))
