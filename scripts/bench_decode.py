@@ -116,8 +116,9 @@ def decode_latency(model, cache, steps):
 
 
 def op_latency(heads, dim, capacity, steps):
-    """Median seconds of one layer's one-token op: DLA's (the MLX step, the C step, the reference, from a full
-    cache of K states) and mlx-lm's gated delta ops path (one state), on the same shapes."""
+    """Median seconds of one layer's one-token op: DLA's (the MLX step, the C step, also with the diagonal
+    transition, the reference, from a full cache of K states) and mlx-lm's gated delta ops path (one state), on
+    the same shapes."""
     mx.random.seed(1)
     q, k, v = (mx.random.normal((1, 1, heads, dim)) for _ in range(3))
     k = k / mx.linalg.norm(k, axis=-1, keepdims=True)
@@ -128,19 +129,20 @@ def op_latency(heads, dim, capacity, steps):
                      mx.random.uniform(shape=(1, heads, L)), mx.array([17 * L]), mx.zeros((1, heads), dtype=mx.int64),
                      config=config)
     lam = mx.ones((1, 1, heads, L))
-    dla = lambda impl: lambda: dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state, impl=impl,
-                                             output_final_state=True)[1].S
-    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_reference": dla("reference"),
+    dla = lambda impl, b=beta: lambda: dla_attention(q, k, v, g, lam, b, config=config, initial_state=state,
+                                                     impl=impl, output_final_state=True)[1].S
+    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_cpu_diagonal": dla("cpu", None),
+            "dla_reference": dla("reference"),
             "gated_delta_ops": lambda: gated_delta_ops(q, k, v, mx.exp(g), beta, state.S[:, :, 0])[1]}
     if not decode.available():  # built without a C compiler
-        del runs["dla_cpu"]
+        del runs["dla_cpu"], runs["dla_cpu_diagonal"]
     return {name: median_seconds(lambda fn=fn: mx.eval(fn()), steps) for name, fn in runs.items()}
 
 
 def torch_op_latency(heads, dim, capacity, steps):
-    """The same for dla_torch (one thread): the torch step, the C step (what decoding on the CPU uses), the
-    chunk path at T = 1, the reference, and fla's pure-torch recurrent gated delta rule for one token (one
-    state)."""
+    """The same for dla_torch (one thread): the torch step, the C step (what decoding on the CPU uses; also with
+    the diagonal transition), the chunk path at T = 1, the reference, and fla's pure-torch recurrent gated delta
+    rule for one token (one state)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, heads, dim, generator=gen) for _ in range(3))
@@ -155,14 +157,15 @@ def torch_op_latency(heads, dim, capacity, steps):
     state.pos.fill_(17 * L)
     lam = torch.ones(1, 1, heads, L)
     naive = fla_recurrent()
-    dla = lambda impl: lambda: dla_torch.dla_attention(q, k, v, g, lam, beta, config=config, initial_state=state,
-                                                       impl=impl, output_final_state=True, check_decay=False)
-    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_chunk": dla("chunk"),
+    dla = lambda impl, b=beta: lambda: dla_torch.dla_attention(q, k, v, g, lam, b, config=config, initial_state=state,
+                                                               impl=impl, output_final_state=True, check_decay=False)
+    runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_cpu_diagonal": dla("cpu", None),
+            "dla_chunk": dla("chunk"),
             "dla_reference": dla("reference"),
             "fla_recurrent": lambda: naive(q, k, v, beta, g, initial_state=state.S[:, :, 0],
                                            output_final_state=True)}
     if not decode.available():
-        del runs["dla_cpu"]
+        del runs["dla_cpu"], runs["dla_cpu_diagonal"]
     with torch.no_grad():
         return {name: median_seconds(fn, steps) for name, fn in runs.items()}
 

@@ -71,7 +71,7 @@ def test_bench_decode_measures_both_models(tmp_path, capsys):
         assert moved[(64, name)] == moved[(256, name)] > 2 * size[(64, name)]
     assert all(r["floor_s"] > 0 for r in rows)
     result = json.loads(out.with_suffix(".json").read_text())
-    cpu = {"dla_cpu"} if decode.available() else set()
+    cpu = {"dla_cpu", "dla_cpu_diagonal"} if decode.available() else set()
     ops, torch_ops = result["one_layer_op_s"], result["torch_one_layer_op_s"]
     assert set(ops) == {"dla_step", "dla_reference", "gated_delta_ops"} | cpu and min(ops.values()) > 0
     assert set(torch_ops) == {"dla_step", "dla_chunk", "dla_reference", "fla_recurrent"} | cpu
