@@ -20,6 +20,7 @@ Writes OUT.json and OUT.png and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import platform
@@ -141,7 +142,8 @@ def op_latency(heads, dim, capacity, steps):
 
 def torch_op_latency(heads, dim, capacity, steps):
     """The same for dla_torch (one thread): the torch step, the C step (what decoding on the CPU uses; also with
-    the diagonal transition), the chunk path at T = 1, the reference, and fla's pure-torch recurrent gated delta
+    the diagonal transition, and each donating its state, as the torch models' caches do: every call continues
+    the last one's state), the chunk path at T = 1, the reference, and fla's pure-torch recurrent gated delta
     rule for one token (one state)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
@@ -159,13 +161,21 @@ def torch_op_latency(heads, dim, capacity, steps):
     naive = fla_recurrent()
     dla = lambda impl, b=beta: lambda: dla_torch.dla_attention(q, k, v, g, lam, b, config=config, initial_state=state,
                                                                impl=impl, output_final_state=True, check_decay=False)
+
+    def donated(b):
+        chain = [dataclasses.replace(state, S=state.S.clone())]
+        return lambda: chain.append(dla_torch.dla_attention(q, k, v, g, lam, b, config=config, impl="cpu",
+                                                            initial_state=chain.pop(), output_final_state=True,
+                                                            check_decay=False, donate_state=True)[1])
+
     runs = {"dla_step": dla("step"), "dla_cpu": dla("cpu"), "dla_cpu_diagonal": dla("cpu", None),
-            "dla_chunk": dla("chunk"),
+            "dla_cpu_donated": donated(beta), "dla_cpu_diagonal_donated": donated(None), "dla_chunk": dla("chunk"),
             "dla_reference": dla("reference"),
             "fla_recurrent": lambda: naive(q, k, v, beta, g, initial_state=state.S[:, :, 0],
                                            output_final_state=True)}
     if not decode.available():
-        del runs["dla_cpu"], runs["dla_cpu_diagonal"]
+        for name in [name for name in runs if name.startswith("dla_cpu")]:
+            del runs[name]
     with torch.no_grad():
         return {name: median_seconds(fn, steps) for name, fn in runs.items()}
 

@@ -145,3 +145,24 @@ def test_a_malformed_layout_is_refused(edit, message):
     with pytest.raises(ValueError, match=message):
         dla_torch.dla_attention(*(to_torch(x[n]) for n in NAMES), config=config,
                                 initial_state=to_torch(DLAState(**fields)))
+
+
+@needs_c
+@pytest.mark.parametrize("delta", TRANSITIONS)
+def test_a_donated_state_is_written_in_place_with_the_same_result(delta):
+    """``donate_state`` (what the torch models' caches pass): impl="cpu" writes the final states into the initial
+    state's tensor instead of a copy, and returns what it returns without donating."""
+    config = config_for("dla")
+    x = make_inputs(config, 2, 20, 3, 5, 7, delta=delta, seed=3)
+    prefix, tail = prefix_state(config, x, 12)
+    runs = []
+    for donate in (False, True):
+        state = to_torch(scrambled(prefix))
+        before = state.S.clone()
+        o, final = dla_torch.dla_attention(*(to_torch(tail[n]) for n in NAMES), config=config, impl="cpu",
+                                           initial_state=state, output_final_state=True, donate_state=donate)
+        assert (final.S.data_ptr() == state.S.data_ptr()) == donate
+        assert torch.equal(state.S, before) != donate
+        runs.append((o, final))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert_states_close(runs[0][1], runs[1][1], 0)

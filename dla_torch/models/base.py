@@ -131,7 +131,8 @@ class DLAMixer(nn.Module):
         initial = None if cache is None else cache.state
         before = (0, 0) if initial is None else boundary_counts(initial)
         o, state = dla_attention(q, k, v, g, lam, beta, config=config, initial_state=initial,
-                                 output_final_state=cache is not None or self.training, check_decay=False, **kw)
+                                 output_final_state=cache is not None or self.training, check_decay=False,
+                                 donate_state=cache is not None, **kw)  # the cache owns its state
         if cache is not None:
             cache.state = state
         if self.training:

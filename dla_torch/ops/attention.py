@@ -20,7 +20,7 @@ IMPLS = {"reference": dla_reference, "step": dla_step, "cpu": dla_cpu, "chunk": 
 
 def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: float = 1.0, mask=None,
                   initial_state: DLAState | None = None, output_final_state: bool = False, cu_seqlens=None,
-                  impl: str = "auto", check_decay: bool = True):
+                  impl: str = "auto", check_decay: bool = True, donate_state: bool = False):
     """Dynamic Linear Attention (DESIGN section 2).
 
     Args:
@@ -39,6 +39,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
             (chunkwise, pure PyTorch), "triton" (the chunk path with Triton kernels: the decision scan, and for
             float32 the fused chunk forward and backward) or "auto" (for one token, cpu where it applies and
             was built, else step; for more, triton on CUDA and chunk elsewhere).
+        donate_state: the caller gives up ``initial_state``: impl="cpu" may write the final state into its
+            tensors (when they are C-contiguous and of the compute dtype), saving a copy of the K states per
+            call; the models' caches, which own their states, do. ``initial_state`` must not be used after.
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
@@ -70,7 +73,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     state = (empty_state(N, H, L, Dk, Dv, dtype, q.device, books) if initial_state is None
              else _cast_state(initial_state, dtype, books, layout=impl == "cpu"))
 
-    run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale)
+    donate = {"donate": donate_state} if impl == "cpu" else {}
+    run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale, **donate)
     inputs = (q, k, v, g, lam, beta, mask)
     if cu_seqlens is None:
         o, state = run(state, *inputs)

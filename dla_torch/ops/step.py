@@ -140,9 +140,10 @@ def _move(x, dest, config, decay):
     return out
 
 
-def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
+def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, donate: bool = False):
     """`dla_step`'s computation compiled (`dla_shared.decode`, one token at a time): CPU tensors, no gradient;
-    returns (o [B, T, H, Dv], final DLAState in the physical layout)."""
+    returns (o [B, T, H, Dv], final DLAState in the physical layout). With ``donate`` the states are written
+    into ``state.S`` itself where it is C-contiguous (no copy)."""
     if not decode.available():
         raise ValueError("impl='cpu' needs the compiled step (dla_shared._decode), which was not built at install "
                          "(no C compiler); use impl='step'")
@@ -154,5 +155,6 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     x = lambda t: None if t is None else t.detach().numpy()
     active = np.ones((B, T), bool) if mask is None else x(mask.cpu())
     o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
-                              *(x(getattr(state, f)) for f in DLAState.FIELDS + DLAState.LAYOUT))
+                              *(x(getattr(state, f)) for f in DLAState.FIELDS + DLAState.LAYOUT),
+                              inplace=donate and state.S.is_contiguous())
     return torch.from_numpy(o), DLAState(*map(torch.from_numpy, books))
