@@ -12,7 +12,8 @@ uint h = bh % H;
 uint j = thread_position_in_threadgroup.x;
 bool col = j < Dv;
 bool on = active[b];
-#define BUFFER(i) (S_in + (bh * L + slot[bh * L + (i)]) * Dk * Dv)  // slot i's buffer
+// slot i's buffer; a slot map out of range (a corrupted cache) stays inside this cache's buffers
+#define BUFFER(i) (S_in + (bh * L + min(uint(slot[bh * L + (i)]), uint(L - 1))) * Dk * Dv)
 const device float* S0 = BUFFER(0);
 device float* S1 = S_out + bh * L * Dk * Dv;
 float carried = S_decay[bh];  // the old states are `carried` times their buffers

@@ -1,5 +1,6 @@
 /* One token of DLA for every (batch row, head), compiled: the decode step of `dla_torch.ops.step` and
- * `dla_mlx.ops.step` on the CPU, reading the K states once and writing them once with no array temporaries.
+ * `dla_mlx.ops.step` on the CPU, reading the K states once and writing only what changes, with no array
+ * temporaries.
  *
  * The states are kept in the physical layout of `DLAState` (`dla_shared.state`): slot i of a cache is
  * decay * S[slot[i]], one buffer per slot and one decay per cache. So a token

@@ -43,10 +43,14 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
                 ("beta", beta, (B, T, H)), ("lam", lam, (B, T, H, L)), ("active", active, (B, T)),
                 ("n", n, (B, H, L)), ("ibar", ibar, (B, H, L)), ("pos", pos, (B,)), ("opened", opened, (B, H)),
                 ("slot", slot, (B, H, L)), ("decay", decay, (B, H))]
+    if (slot is None) != (decay is None):
+        raise ValueError("slot and decay come together (the physical layout) or not at all")
     for name, x, shape in expected:  # the C loop trusts these sizes
         if not (name in ("beta", "slot", "decay") and x is None) and np.shape(x) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} for S of shape {list(S.shape)}, "
                              f"got {list(np.shape(x))}")
+    if slot is not None and (np.sort(slot, axis=-1) != np.arange(L)).any():  # the C loop indexes S with it
+        raise ValueError(f"slot must give each (row, head) a permutation of its buffers 0..{L - 1}")
     policy.check_levels(config, int((pos + np.sum(active, axis=1)).max(initial=0)))
     c = lambda x, t=dtype: np.ascontiguousarray(x, t)
     S = S if inplace else np.array(S, order="C")

@@ -19,8 +19,9 @@ decay  [N, H]               :, :]``, so that a decode step moves no state and re
 The compiled decode step (``impl="cpu"``) keeps states in the physical layout; every other impl takes either
 layout (`canonical` gives the other) and returns the canonical one.
 
-N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states always sum
-to the single-state base model's state, and ``n.sum(-1) == pos`` for every head.
+N is the batch size, or the number of sequences when ``cu_seqlens`` packs them. The states (in the canonical
+layout: `canonical`) always sum to the single-state base model's state, and ``n.sum(-1) == pos`` for every
+head. ``slot``, ``decay`` and ``config`` are keyword arguments.
 
 ``config`` is the `DLAConfig` the state was made under (every op sets it on the states it returns); a state
 continues only under the same cache (policy, capacity, score, merge, block size and thresholds). A state
@@ -45,9 +46,9 @@ class DLAState:
     ibar: Any
     pos: Any
     opened: Any
-    slot: Any = None
-    decay: Any = None
-    config: DLAConfig | None = None
+    slot: Any = dataclasses.field(default=None, kw_only=True)
+    decay: Any = dataclasses.field(default=None, kw_only=True)
+    config: DLAConfig | None = dataclasses.field(default=None, kw_only=True)
 
     FIELDS = ("S", "n", "ibar", "pos", "opened")  # the arrays every state has
     LAYOUT = ("slot", "decay")  # the arrays of the physical layout
@@ -78,11 +79,11 @@ def canonical(state: DLAState, take_along_axis=np.take_along_axis) -> DLAState:
 
 def physical(state: DLAState, arange, ones) -> DLAState:
     """``state`` in the physical layout (itself if it is): ``slot[i] = i`` and ``decay = 1`` made with the
-    backend's ``arange(L)`` and ``ones(shape, dtype)``."""
+    backend's ``arange(L)`` and ``ones(shape, dtype=...)``, on the default device."""
     if state.slot is not None:
         return state
     N, H, L = state.n.shape
-    return dataclasses.replace(state, slot=state.n * 0 + arange(L), decay=ones((N, H), state.S.dtype))
+    return dataclasses.replace(state, slot=state.n * 0 + arange(L), decay=ones((N, H), dtype=state.S.dtype))
 
 
 def decay_floor(eps: float) -> float:

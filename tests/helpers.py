@@ -120,7 +120,7 @@ def scrambled(state: DLAState, seed=0) -> DLAState:
     decay = rng.uniform(0.5, 2, (N, H)).astype(state.S.dtype)
     S = np.empty_like(state.S)
     np.put_along_axis(S, slot[..., None, None], state.S / decay[..., None, None, None], axis=2)
-    return DLAState(S, state.n, state.ibar, state.pos, state.opened, slot, decay)
+    return DLAState(S, state.n, state.ibar, state.pos, state.opened, slot=slot, decay=decay)
 
 
 def rel_err(ref, x) -> float:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -38,7 +39,7 @@ def call(entry: str, args: dict, **extra):
 
     def to_backend(x):
         if isinstance(x, DLAState):
-            return DLAState(*(convert(getattr(x, f)) for f in DLAState.FIELDS), config=x.config)
+            return x.map(lambda f, a: convert(a))
         return convert(x) if isinstance(x, np.ndarray) else x
 
     return ENTRY_POINTS[entry](**{name: to_backend(x) for name, x in args.items()}, **extra)
@@ -74,7 +75,7 @@ def made_state(config=None) -> DLAState:
 def edited_state(**edits) -> DLAState:
     """`made_state` without its config (as if saved and loaded), fields edited."""
     state = made_state()
-    return DLAState(*(edits.get(f, lambda x: x)(getattr(state, f)) for f in DLAState.FIELDS))
+    return dataclasses.replace(state.map(lambda f, a: edits.get(f, lambda x: x)(a)), config=None)
 
 
 ones_mask = lambda *shape: np.ones(shape, bool)
@@ -204,8 +205,7 @@ def test_arrays_of_another_framework_name_the_argument(entry, name):
     args = {**valid_args(), "initial_state": made_state()}
     converted = {key: TO_BACKEND[entry](x) if isinstance(x, np.ndarray) else x for key, x in args.items()}
     state = converted["initial_state"]
-    converted["initial_state"] = DLAState(*(TO_BACKEND[entry](getattr(state, f)) for f in DLAState.FIELDS),
-                                          config=state.config)
+    converted["initial_state"] = state.map(lambda f, a: TO_BACKEND[entry](a))
     if name.startswith("initial_state."):
         setattr(converted["initial_state"], name.split(".")[1], foreign(getattr(state, name.split(".")[1])))
     else:

@@ -72,7 +72,7 @@ def run_tokens(config, x, state=None):
         step = [None if x[n] is None else x[n][:, t : t + 1] for n in NAMES]
         o, *books = decode.decode(config, 1.0, *step, np.ones((B, 1), bool), *books)
         outputs.append(o)
-        states.append(DLAState(*books))
+        states.append(DLAState(*books[:5], slot=books[5], decay=books[6]))
     return np.concatenate(outputs, axis=1), states
 
 
@@ -105,21 +105,40 @@ def test_a_diagonal_step_writes_only_the_buffers_that_change(policy):
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("delta", TRANSITIONS)
-def test_the_decay_is_taken_into_the_buffers_before_it_underflows(delta):
+def test_the_decay_is_taken_into_the_buffers_before_it_underflows(delta, dtype):
     """Decays of e^-3 per token for 40 tokens (e^-120 is 0 in float32) and a reset (g = -inf): the decay stays
-    at least 2^-40 and the outputs and states stay the reference's, in float32."""
+    at least 2^-40 and the outputs and states stay the reference's."""
     config = config_for("dla")
     x = make_inputs(config, 2, 40, 3, 5, 7, delta=delta, seed=2)
     x["g"][:] = -3.0
     x["g"][1, 20, 2] = -np.inf
-    x32 = {n: None if a is None else a.astype(np.float32) for n, a in x.items()}
-    o, states = run_tokens(config, x32)
-    ref, final = dla_torch.dla_attention(*(to_torch(x32[n], torch.float32) for n in NAMES), config=config,
-                                         impl="reference", output_final_state=True)
+    x = {n: None if a is None else a.astype(dtype) for n, a in x.items()}
+    o, states = run_tokens(config, x)
+    ref, final = dla_torch.dla_attention(*(to_torch(x[n], getattr(torch, dtype.__name__)) for n in NAMES),
+                                         config=config, impl="reference", output_final_state=True)
     assert min(s.decay.min() for s in states) >= 2.0**-40
-    assert_close("o", ref, o, 1e-5)
-    assert_states_close(final, states[-1], 1e-5)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_close("o", ref, o, tol)
+    assert_states_close(final, states[-1], tol)
+
+
+@needs_c
+@pytest.mark.parametrize("where", ["v", "g"])
+def test_a_non_finite_input_spreads_as_in_the_oracle(where):
+    """NaN in one token's v or g: the compiled step's outputs and states are NaN exactly where the oracle's are."""
+    config = config_for("dla")
+    x = make_inputs(config, 2, 20, 3, 5, 7, seed=6)
+    x[where][0, 9, 1] = np.nan
+    o, states = run_tokens(config, x)
+    ref, final = dla_shared.dla_attention(*(x[n] for n in NAMES), config=config, output_final_state=True)
+    np.testing.assert_array_equal(np.isnan(o), np.isnan(ref))
+    S = canonical(states[-1]).S
+    np.testing.assert_array_equal(np.isnan(S), np.isnan(final.S))
+    assert np.isnan(S).any()
+    finite = ~np.isnan(ref)
+    np.testing.assert_allclose(o[finite], ref[finite], rtol=1e-10, atol=1e-12)
 
 
 def test_canonical_undoes_a_scrambled_layout():
@@ -128,6 +147,21 @@ def test_canonical_undoes_a_scrambled_layout():
     state, _ = prefix_state(config, x, 20)
     np.testing.assert_allclose(canonical(scrambled(state, seed=4)).S, state.S, rtol=1e-15)
     assert canonical(state) is state
+
+
+def test_the_compiled_step_refuses_a_slot_map_that_is_not_a_permutation():
+    """The C loop indexes the states with ``slot``: an out-of-range or repeated buffer, or a slot map without
+    its decay, is refused before it runs (as a corrupted prompt cache would bring it)."""
+    config = config_for("dla")
+    x = make_inputs(config, 2, 13, 3, 5, 7, seed=1)
+    state = scrambled(prefix_state(config, x, 12)[0])
+    step = [x[n][:, 12:] for n in NAMES[:-1]] + [None, np.ones((2, 1), bool)]
+    books = [getattr(state, f) for f in DLAState.FIELDS]
+    for slot in (np.full_like(state.slot, 10**8), np.zeros_like(state.slot)):
+        with pytest.raises(ValueError, match="slot must give each .* a permutation of its buffers"):
+            decode.decode(config, 1.0, *step, *books, slot, state.decay)
+    with pytest.raises(ValueError, match="slot and decay come together"):
+        decode.decode(config, 1.0, *step, *books, state.slot, None)
 
 
 @pytest.mark.parametrize("edit, message", [

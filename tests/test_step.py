@@ -14,7 +14,7 @@ import torch
 import dla_mlx
 import dla_torch
 from dla_mlx.ops import attention as mlx_attention
-from dla_shared import DLAState, decode
+from dla_shared import decode
 from dla_torch.ops import attention as torch_attention
 
 from helpers import (
@@ -222,7 +222,7 @@ def test_step_takes_a_state_that_is_a_broadcast_view(backend, impl):
     x = backend.array(make_inputs(config, 2, 12, 3, 5, 7, seed=4))
     _, one = backend.attention(*(None if x[n] is None else x[n][:1, :11] for n in NAMES), config=config,
                                impl="chunk", output_final_state=True)
-    wide = DLAState(*(backend.widen(getattr(one, f), 2) for f in DLAState.FIELDS), config=one.config)
+    wide = one.map(lambda f, a: backend.widen(a, 2))
     run = lambda impl: backend.attention(*(None if x[n] is None else x[n][:, 11:] for n in NAMES), config=config,
                                          initial_state=wide, impl=impl, output_final_state=True)
     assert_same_run(run("reference"), run(impl), TOLS["float32"])

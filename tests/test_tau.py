@@ -97,7 +97,7 @@ def oracle_logits(model, x, monkeypatch, threshold):
         return torch.from_numpy(o).float(), None
 
     monkeypatch.setattr(torch_base, "dla_attention",
-                        lambda *inputs, config, check_decay, **kw: run_oracle(*inputs, **kw))
+                        lambda *inputs, config, check_decay, donate_state, **kw: run_oracle(*inputs, **kw))
     return logits(model, x)
 
 

@@ -131,4 +131,5 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
                                  *(x(getattr(state, f)) for f in DLAState.FIELDS[1:] + DLAState.LAYOUT), inplace=True)
     dtypes = [a.dtype for a in (state.n, state.ibar, state.pos, state.opened, state.n, state.S)]  # not numpy's
-    return mx.array(o, dtype=q.dtype), DLAState(S, *(mx.array(a, dtype=d) for a, d in zip(books, dtypes)))
+    n, ibar, pos, opened, slot, decay = (mx.array(a, dtype=d) for a, d in zip(books, dtypes))
+    return mx.array(o, dtype=q.dtype), DLAState(S, n, ibar, pos, opened, slot=slot, decay=decay)

@@ -45,7 +45,9 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
 
     Returns:
         o [B, T, H, Dv] in q's dtype, and the final DLAState (float32 states, float64 for float64
-        inputs; the bookkeeping on the states' device after "step", on the CPU otherwise) or None.
+        inputs; the bookkeeping on the states' device after "step", on the CPU otherwise) or None. After
+        "cpu" (what "auto" takes to decode on the CPU) the state is in the physical layout (``slot``, ``decay``:
+        `dla_shared.state`); ``canonical(state, torch.take_along_dim)`` gives slot i at index i.
     """
     # mask and cu_seqlens may come as lists or numpy arrays, as the numpy oracle takes them
     mask, cu_seqlens = (x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))

@@ -157,4 +157,5 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale, dona
     o, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active,
                               *(x(getattr(state, f)) for f in DLAState.FIELDS + DLAState.LAYOUT),
                               inplace=donate and state.S.is_contiguous())
-    return torch.from_numpy(o), DLAState(*map(torch.from_numpy, books))
+    S, n, ibar, pos, opened, slot, decay = map(torch.from_numpy, books)
+    return torch.from_numpy(o), DLAState(S, n, ibar, pos, opened, slot=slot, decay=decay)
