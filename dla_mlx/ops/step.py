@@ -130,6 +130,7 @@ def dla_cpu(q, k, v, g, lam, beta, mask, state: DLAState, *, config, scale):
     active = np.ones((B, T), bool) if mask is None else x(mask)
     o, _, *books = decode.decode(config, scale, *map(x, (q, k, v, g, lam, beta)), active, x(S),
                                  *(x(getattr(state, f)) for f in DLAState.FIELDS[1:] + DLAState.LAYOUT), inplace=True)
-    dtypes = [a.dtype for a in (state.n, state.ibar, state.pos, state.opened, state.n, state.S)]  # not numpy's
-    n, ibar, pos, opened, slot, decay = (mx.array(a, dtype=d) for a, d in zip(books, dtypes))
+    # the bookkeeping int64, ibar and decay in the states' dtype (numpy's float64 would come back as float32)
+    n, ibar, pos, opened, slot, decay = (mx.array(a, dtype=S.dtype if a.dtype.kind == "f" else mx.int64)
+                                         for a in books)
     return mx.array(o, dtype=q.dtype), DLAState(S, n, ibar, pos, opened, slot=slot, decay=decay)
