@@ -11,6 +11,7 @@ import numpy as np
 
 from . import policy
 from .config import DLAConfig
+from .state import check_permutation
 
 try:
     from . import _decode
@@ -49,8 +50,8 @@ def decode(config: DLAConfig, scale: float, q, k, v, g, lam, beta, active, S, n,
         if not (name in ("beta", "slot", "decay") and x is None) and np.shape(x) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} for S of shape {list(S.shape)}, "
                              f"got {list(np.shape(x))}")
-    if slot is not None and (np.sort(slot, axis=-1) != np.arange(L)).any():  # the C loop indexes S with it
-        raise ValueError(f"slot must give each (row, head) a permutation of its buffers 0..{L - 1}")
+    if slot is not None:
+        check_permutation(np.asarray(slot), "slot")
     policy.check_levels(config, int((pos + np.sum(active, axis=1)).max(initial=0)))
     c = lambda x, t=dtype: np.ascontiguousarray(x, t)
     S = S if inplace else np.array(S, order="C")

@@ -230,9 +230,15 @@ def check_bookkeeping(state: DLAState) -> None:
     if not np.isfinite(ibar).all():
         raise ValueError("initial_state.ibar must be finite")
     if state.slot is not None:
-        slot, decay = host(state.slot), host(state.decay)
-        if slot.dtype.kind not in "iu" or (np.sort(slot, axis=-1) != np.arange(slot.shape[-1])).any():
-            raise ValueError("initial_state.slot must give each (sequence, head) a permutation of its buffers "
-                             f"0..{slot.shape[-1] - 1}")
+        check_permutation(host(state.slot), "initial_state.slot")
+        decay = host(state.decay)
         if not (np.isfinite(decay) & (decay > 0)).all():
             raise ValueError("initial_state.decay must be finite and > 0")
+
+
+def check_permutation(slot: np.ndarray, name: str) -> None:
+    """Refuse a slot map [..., L] (numpy) that is not, for every (sequence, head), a permutation of the buffers
+    0..L - 1: the compiled step indexes the states with it."""
+    if slot.dtype.kind not in "iu" or (np.sort(slot, axis=-1) != np.arange(slot.shape[-1])).any():
+        raise ValueError(f"{name} must give each (sequence, head) a permutation of its buffers "
+                         f"0..{slot.shape[-1] - 1}")
