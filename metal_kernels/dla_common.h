@@ -47,8 +47,12 @@ inline bool dla_plan(thread int* n, thread float* ibar, thread int* dest, int po
         pair = m - 2;
         if (MERGE == MERGE_DENSITY) {
           float best = INFINITY;
-          for (int i = m - 2; i >= 0; --i) {  // ties go to the oldest pair
+          for (int i = m - 2; i >= 0; --i) {  // ties go to the oldest pair; a NaN is least, as in numpy
             float density = (ibar[i] + ibar[i + 1]) / float(n[i] + n[i + 1]);
+            if (isnan(density)) {
+              pair = i;
+              break;
+            }
             if (density < best) {
               best = density;
               pair = i;

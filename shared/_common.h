@@ -52,12 +52,13 @@ static inline int plan_step(const Dims *d, const int64_t *n, const double *pair_
     Py_ssize_t pair = L;  /* no merge unless full */
     if (m == L) {
         if (d->merge_oldest) pair = m - 2;
-        else {  /* the least dense adjacent pair, ties to the oldest */
+        else {  /* the least dense adjacent pair, ties to the oldest; a NaN is least, as in numpy's argmin */
             double best = INFINITY;
             pair = L - 2;
             for (Py_ssize_t i = m - 2; i >= 0; i--) {
                 int64_t total = n[i] + n[i + 1];
                 double density = pair_sum[i] / (double)(total > 1 ? total : 1);
+                if (isnan(density)) { pair = i; break; }
                 if (density < best) { best = density; pair = i; }
             }
         }

@@ -1,7 +1,9 @@
 """The chunk paths at the edges of the log decay: g = -inf (a full reset, allowed by g <= 0) and very
 negative finite g cumulated over a chunk give the oracle's outputs and final states, finite, in every backend
-(Triton in its interpreter, float32); a non-finite input never reaches earlier tokens or other heads."""
+(Triton in its interpreter, float32); a non-finite input never reaches earlier tokens or other heads; a NaN
+merge density picks the pair numpy's argmin picks in every impl, the compiled loops and kernels included."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,17 @@ import dla_mlx
 import dla_shared
 import dla_torch
 
-from helpers import NAMES, assert_close, assert_states_close, config_for, make_inputs, to_mlx, to_numpy, to_torch
+from helpers import (
+    NAMES,
+    assert_close,
+    assert_states_close,
+    config_for,
+    make_inputs,
+    prefix_state,
+    to_mlx,
+    to_numpy,
+    to_torch,
+)
 
 BACKENDS = {  # name: (op, convert inputs, impl, tolerance vs the float64 oracle)
     "torch-chunk": (dla_torch.dla_attention, to_torch, "chunk", 1e-10),
@@ -77,3 +89,38 @@ def test_a_nan_stays_out_of_earlier_tokens_and_other_heads(backend, delta, name)
     assert np.isnan(to_numpy(state.S[0, 0])).all()
     assert_close("o before the NaN", o[:, :3], o2[:, :3], tol)
     assert_close("o of the other head", o[:, :, 1], o2[:, :, 1], tol)
+
+
+NAN_DENSITY_IMPLS = [(backend, impl) for backend in ("torch", "mlx") for impl in ("reference", "step", "cpu", "chunk")]
+NAN_DENSITY_IMPLS += [("torch", "triton"), ("mlx", "metal")]
+
+
+@pytest.mark.parametrize("T", [1, 3], ids=["decode", "prefill"])
+@pytest.mark.parametrize("backend, impl", NAN_DENSITY_IMPLS, ids=[f"{b}-{i}" for b, i in NAN_DENSITY_IMPLS])
+def test_a_nan_density_merges_the_pair_numpys_argmin_picks(backend, impl, T, monkeypatch):
+    """A full ``fixed`` cache merging by density, with one state's ibar NaN: every impl merges the oldest pair
+    whose density is NaN, as numpy's argmin (the oracle's rule) picks it, not the least finite one. The
+    compiled steps and scans, the Triton scan (interpreted) and the Metal kernels (emulated) decide in their
+    own loops."""
+    if impl == "cpu" and not dla_shared.decode.available():
+        pytest.skip("the C step was not built (no C compiler)")
+    if impl == "metal":
+        from dla_mlx.ops import metal
+
+        from metal_emu.harness import emulate
+        monkeypatch.setattr(metal, "run", emulate)
+    config = config_for("fixed", merge="density")
+    x = make_inputs(config, 2, 24 + T, 3, 5, 7, seed=2)
+    state, tail = prefix_state(config, x, 24)
+    assert (state.n == 6).all() and (state.pos == 24).all()  # full, and the next token opens a state
+    state.ibar[0, 1, 2] = np.nan  # the densities of pairs (1, 2) and (2, 3) are NaN
+    tail = [tail[n] for n in NAMES]
+    n = dla_shared.dla_attention(*tail, config=config, initial_state=state, output_final_state=True)[1].n
+    np.testing.assert_array_equal(n[0, 1], [T, 6, 6, 12])  # the pair (2, 3) merged
+    convert = {"torch": to_torch, "mlx": to_mlx}[backend]
+    dtype = {"triton": torch.float32, "metal": mx.float32}.get(impl)
+    args = [None if a is None else convert(a) if dtype is None else convert(a, dtype) for a in tail]
+    state = convert(state) if dtype is None else convert(state, dtype)
+    attention = {"torch": dla_torch, "mlx": dla_mlx}[backend].dla_attention
+    final = attention(*args, config=config, impl=impl, initial_state=state, output_final_state=True)[1]
+    np.testing.assert_array_equal(to_numpy(final).n, n)

@@ -142,10 +142,10 @@ T simd_shuffle_down(T x, uint delta) {
 template <class T>
 T simd_broadcast(T x, uint lane) { return simd_shuffle(x, lane); }
 
-using std::abs, std::ceil, std::exp, std::floor, std::log, std::max, std::min, std::sqrt, std::tanh;
+using std::abs, std::ceil, std::exp, std::floor, std::isnan, std::log, std::max, std::min, std::sqrt, std::tanh;
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 namespace metal {
-using std::abs, std::ceil, std::exp, std::floor, std::log, std::max, std::min, std::sqrt, std::tanh;
+using std::abs, std::ceil, std::exp, std::floor, std::isnan, std::log, std::max, std::min, std::sqrt, std::tanh;
 using ::rsqrt;
 }  // namespace metal
 

@@ -81,6 +81,8 @@ def _plan(n, ibar, pos, score, on, threshold, rl, L: tl.constexpr, BL: tl.conste
             density = tl.where(valid, (ibar + nxt_i) / tl.maximum(n + nxt_n, 1).to(ibar.dtype), float("inf"))
             least = tl.min(density, axis=0)
             p = tl.max(tl.where(valid & (density == least), rl, -1), axis=0)  # ties: the oldest pair
+            nan = valid & (density != density)  # a NaN is least, as in numpy's argmin
+            p = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, tl.max(tl.where(nan, rl, -1), axis=0), p)
         else:
             p = m - 2
         merged = tl.where((m == L) & (rl > p), rl - 1, rl)
