@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import platform
 import time
@@ -42,6 +41,7 @@ from dla_mlx.models.base import dla_mixers, set_state
 from dla_shared import DLAConfig, DLAState, decode
 from dla_shared.plot import pyplot
 from dla_torch.ops.attention import empty_state as torch_empty_state
+from dla_torch.ops.fla_naive import load
 
 
 def dla_model(width, layers, heads, capacity):
@@ -158,7 +158,7 @@ def torch_op_latency(heads, dim, capacity, steps):
     state.ibar.uniform_(generator=gen)
     state.pos.fill_(17 * L)
     lam = torch.ones(1, 1, heads, L)
-    naive = fla_recurrent()
+    naive = load("gated_delta_rule").naive_recurrent_gated_delta_rule
     dla = lambda impl, b=beta: lambda: dla_torch.dla_attention(q, k, v, g, lam, b, config=config, initial_state=state,
                                                                impl=impl, output_final_state=True, check_decay=False)
 
@@ -178,16 +178,6 @@ def torch_op_latency(heads, dim, capacity, steps):
             del runs[name]
     with torch.no_grad():
         return {name: median_seconds(fn, steps) for name, fn in runs.items()}
-
-
-def fla_recurrent():
-    """fla's pure-torch ``naive_recurrent_gated_delta_rule``, loaded by file path (fla's package __init__ needs a
-    GPU stack)."""
-    path = Path(importlib.util.find_spec("fla").origin).parent / "ops" / "gated_delta_rule" / "naive.py"
-    spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.naive_recurrent_gated_delta_rule
 
 
 def median_seconds(fn, steps):

@@ -13,7 +13,6 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import time
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from dla_shared import DLAConfig
 from dla_shared.plot import pyplot
 from dla_torch import dla_attention
+from dla_torch.ops.fla_naive import load
 
 
 def inputs(T, B, H, D, L, delta, seed=0):
@@ -53,15 +53,11 @@ def timed(fn, repeats):
 
 
 def fla_naive(delta: bool):
-    """fla's pure-torch chunk of the single-state base, loaded by file path (fla's package __init__ needs a
-    GPU stack), as a function of our inputs."""
+    """fla's pure-torch chunk of the single-state base (`dla_torch.ops.fla_naive`), as a function of our
+    inputs."""
     folder, name = ("gated_delta_rule", "naive_chunk_gated_delta_rule") if delta else ("simple_gla",
                                                                                      "naive_chunk_simple_gla")
-    path = Path(importlib.util.find_spec("fla").origin).parent / "ops" / folder / "naive.py"
-    spec = importlib.util.spec_from_file_location(f"fla_naive_{folder}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn = getattr(module, name)
+    fn = getattr(load(folder), name)
     if delta:
         return lambda q, k, v, g, lam, beta: fn(q, k, v, g, beta)[0]
     return lambda q, k, v, g, lam, beta: fn(q, k, v, g)[0]

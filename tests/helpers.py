@@ -5,7 +5,6 @@ each other; shared fixtures live in conftest.py."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -183,16 +182,6 @@ def compare(config, x, dtype=torch.float64, state=None, impl="chunk", **kw):
     assert grads.keys() == grads2.keys()
     for name in grads:
         assert_close(name, grads[name], grads2[name], tol["grad"])
-
-
-def load_fla_naive():
-    """fla's naive log-linear module, loaded by file path: the package __init__ needs a GPU stack."""
-    spec = importlib.util.find_spec("fla")
-    path = os.path.join(os.path.dirname(spec.origin), "ops", "log_linear_attn", "naive.py")
-    module_spec = importlib.util.spec_from_file_location("fla_log_linear_naive", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 WORDS = "the cache opens a new state where the text changes and merges the pair of least density".split()

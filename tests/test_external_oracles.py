@@ -12,10 +12,11 @@ from mlx_lm.models.gated_delta import gated_delta_update
 import dla_mlx
 import dla_shared
 import dla_torch
+from dla_torch.ops.fla_naive import load
 
-from helpers import NAMES, assert_close, config_for, load_fla_naive, make_inputs, to_mlx, to_torch
+from helpers import NAMES, assert_close, config_for, make_inputs, to_mlx, to_torch
 
-fla_naive = load_fla_naive()
+fla_naive = load("log_linear_attn")
 naive_log_linear_attn = fla_naive.naive_log_linear_attn
 
 
