@@ -49,11 +49,11 @@ DEFAULTS = {
               "warmup": 100, "schedule": "cosine", "decay_fraction": 0.2, "weight_decay": 0.1,
               "betas": [0.9, 0.95], "clip": 1.0, "log_every": 10, "eval_every": 200, "eval_rows": 16,
               "save_every": 500, "seed": 0, "parallel": "ddp", "dtype": "bf16", "activation_checkpointing": False,
-              "compile": False, "resume": True, "stop_at": None, "tau_eta": 0.1},
+              "compile": False, "resume": True, "stop_at": None, "tau_eta": 0.1, "deterministic": False},
 }
 # What a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE = ("train.stop_at", "train.resume", "train.log_every", "train.eval_every", "train.eval_rows",
-             "train.save_every", "train.compile", "train.activation_checkpointing")
+             "train.save_every", "train.compile", "train.activation_checkpointing", "train.deterministic")
 # Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
 NO_DECAY = ("A_log", "dt_bias", "D", "L")
 
@@ -101,6 +101,9 @@ def _check(config):
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if not isinstance(t[name], int) or t[name] < 1:
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
+    for name in ("activation_checkpointing", "compile", "resume", "deterministic"):
+        if not isinstance(t[name], bool):
+            raise ValueError(f"train.{name} must be true or false, got {t[name]!r}")
     if t["stop_at"] is not None and not (isinstance(t["stop_at"], int) and 0 < t["stop_at"] < t["steps"]):
         raise ValueError(f"train.stop_at must be a step between 1 and train.steps - 1, got {t['stop_at']!r}")
     eta = t["tau_eta"]
@@ -136,6 +139,9 @@ class Trainer:
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                    else "cpu")
         torch.manual_seed(t["seed"])
+        if t["deterministic"]:  # on CUDA: torch's deterministic index_add / scatter_add, and a fixed cuBLAS workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.out = Path(config["out"])
         d = config["data"]
         tokenizer = load_tokenizer(d["tokenizer"])

@@ -167,6 +167,9 @@ def test_config_errors_name_the_field(corpus, tmp_path):
     for eta in (0, -0.1, float("inf"), "fast"):
         with pytest.raises(ValueError, match=r"train.tau_eta \(.*\) must be a finite number > 0"):
             load_config(None, good + [f"train.tau_eta={json.dumps(eta)}"])
+    for name in ("deterministic", "compile"):
+        with pytest.raises(ValueError, match=rf"train.{name} must be true or false, got 'False'"):
+            load_config(None, good + [f"train.{name}=False"])  # not JSON: the string 'False', which is truthy
     with pytest.raises(ValueError, match=r"data.eos_token '<eos>' is not in the tokenizer"):
         Trainer(load_config(None, good + ["data.eos_token=<eos>"]))
 
@@ -183,6 +186,21 @@ def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):
         torch.testing.assert_close(after["loss"], before["loss"], rtol=1e-6, atol=1e-7)
         assert after["boundary_rate"] == before["boundary_rate"]
     torch.testing.assert_close(taus[1], taus[0], rtol=0, atol=0)
+
+
+def test_deterministic_run_uses_deterministic_algorithms(corpus, tmp_path):
+    """train.deterministic switches torch to its deterministic kernels (on CUDA, for the chunk path's index_add
+    and the reference's scatter_add; torch raises where an op has none): every op of a training step has one,
+    and two runs give the same losses bit for bit."""
+    results = []
+    try:
+        for name in ("a", "b"):
+            trainer = Trainer(load_config(None, settings(corpus, tmp_path / name, steps=3, deterministic=True)))
+            assert torch.are_deterministic_algorithms_enabled()
+            results.append([trainer.train_step()["loss"] for _ in range(3)])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
 def test_thresholds_follow_the_target_rate(corpus, tmp_path):
