@@ -4,10 +4,11 @@
  * `scan_f32` and `scan_f64` compute in float or double (the dtype of X, k, v, g, beta and ibar), as the
  * numpy scan computes in X's dtype; the three norms are summed in double.  Every array is C-contiguous
  * and checked by the Python wrapper (`dla_shared.scan._compiled`):
- *   k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], beta [B, T, H] or an empty buffer, active uint8 [B, T],
- *   X [B, H, Dk, Dv], tau float64 [H]; updated in place: n int64 [B, H, L], ibar [B, H, L],
- *   opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
- * Where no decision reads a score (`scored`, `DLAConfig.scored`), X is not carried and every score is 0.
+ *   k [B, T, H, Dk], v [B, T, H, Dv], g and beta [B, T, H] (beta an empty buffer for the diagonal
+ *   transition), active uint8 [B, T], X [B, H, Dk, Dv], tau float64 [H]; updated in place: n int64 [B, H, L],
+ *   ibar [B, H, L], opened int64 [B, H]; written: sigma int16 [B, H, T, L + C].  pos int64 [B] is read only.
+ * Where no decision reads a score (`scored`, `DLAConfig.scored`), k, v, g and beta are empty buffers, X is
+ * not carried and every score is 0.
  * Returns the position at which a fenwick cache runs out of levels (the wrapper raises), else 0.
  */
 #include "_common.h"
@@ -31,8 +32,9 @@ static int64_t scan_##SUFFIX(const Dims *d, const real *k, const real *v, const 
             if (t % C == 0)                                                                            \
                 for (Py_ssize_t i = 0; i < W; i++) slot_of[i] = i < L ? i : -1;                        \
             Py_ssize_t at = (b * T + t) * H + h;                                                       \
-            const real *kt = k + at * Dk, *vt = v + at * Dv;                                           \
-            real decay = EXP(g[at]), bt = beta ? beta[at] : (real)1, score = 0;                        \
+            const real *kt = NULL, *vt = NULL;  /* the data is read only where a decision reads a score */ \
+            real decay = 1, bt = beta ? beta[at] : (real)1, score = 0;                                 \
+            if (d->scored) { kt = k + at * Dk; vt = v + at * Dv; decay = EXP(g[at]); }                 \
             if (d->scored && beta) {                                                                   \
                 for (Py_ssize_t j = 0; j < Dv; j++) kX[j] = 0;                                         \
                 for (Py_ssize_t i = 0; i < Dk; i++)                                                    \

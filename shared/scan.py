@@ -33,12 +33,11 @@ def scan(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened, chun
 
 
 def _compiled(config, k, v, g, beta, active, X, n, ibar, pos, opened, chunk_size):
-    B, T, H, Dk = k.shape
-    L, Dv = n.shape[-1], v.shape[-1]
+    (B, T), (H, L), (Dk, Dv) = np.shape(active), np.shape(n)[1:], np.shape(X)[-2:]
     dtype = np.asarray(X).dtype
-    c = lambda x, t=dtype: np.ascontiguousarray(x, t)
-    k, v, g, X = c(k), c(v), c(g), np.array(X, dtype, order="C")  # X: a copy the loop may overwrite
-    beta = b"" if beta is None else c(beta)
+    c = lambda x, t=dtype: b"" if x is None else np.ascontiguousarray(x, t)  # b"": not read
+    k, v, g, beta = (c(x) if config.scored else b"" for x in (k, v, g, beta))
+    X = np.array(X, dtype, order="C")  # a copy the loop may overwrite
     n_out, opened_out = np.array(n, np.int64, order="C"), np.array(opened, np.int64, order="C")
     ibar_out = np.array(ibar, dtype, order="C")
     tau = np.ascontiguousarray(np.broadcast_to(np.asarray(config.threshold, np.float64), (H,)))
@@ -60,16 +59,15 @@ def scan_numpy(config: DLAConfig, k, v, g, beta, active, X, n, ibar, pos, opened
 
     k [B, T, H, Dk], v [B, T, H, Dv], g and beta (or None) [B, T, H], active bool [B, T]; X [B, H, Dk, Dv]
     the newest state (slot 0) before the block, n / ibar [B, H, L], pos [B] and opened [B, H] the
-    bookkeeping (`DLAState`); a per-head ``config.threshold`` has H values. Computes in X's dtype. Returns
+    bookkeeping (`DLAState`); a per-head ``config.threshold`` has H values. Where no decision reads a score
+    (not ``config.scored``) k, v, g and beta are not read and may be None. Computes in X's dtype. Returns
     ``sigma`` int16 [B, H, T, L + C]: after token t, the slot of each state carried into t's chunk
     (columns < L) and of each of the chunk's tokens (column L + s; -1 until written); and the bookkeeping
     (n, ibar, pos, opened) after the block.
     """
-    B, T, H, _ = k.shape
-    L, C = n.shape[-1], chunk_size
+    (B, T), (H, L), C = np.shape(active), np.shape(n)[1:], chunk_size
     dtype = X.dtype
-    k, v, g = (np.asarray(x, dtype) for x in (k, v, g))
-    beta = None if beta is None else np.asarray(beta, dtype)
+    k, v, g, beta = (None if x is None else np.asarray(x, dtype) for x in (k, v, g, beta))
     size = X.shape[-1] * X.shape[-2]
     sigma = np.full((B, H, T, L + C), -1, np.int16)
     for t in range(T):

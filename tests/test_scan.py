@@ -74,7 +74,7 @@ UNSCORED = {"single": {"policy": "single"}, "fenwick": {"policy": "fenwick"},
 def test_a_scan_that_reads_no_score_decides_without_the_data(overrides, impl):
     """Where no decision reads a score (`DLAConfig.scored`), no score enters ibar, which stays 0 even for keys,
     values and decays of NaN (a carried state would make every score NaN); the decisions are those of finite
-    data."""
+    data, and of no data at all (None, which the chunk paths pass so as not to copy it to the host)."""
     config = config_for(**overrides)
     assert not config.scored and config_for("dla").scored and config_for("fixed", merge="density").scored
     x = make_inputs(config, 2, 40, 3, 5, 7, seed=3)
@@ -84,9 +84,11 @@ def test_a_scan_that_reads_no_score_decides_without_the_data(overrides, impl):
     nan = {name: None if a is None else np.full_like(a, np.nan) for name, a in tail.items()}
     (sigma, book), = scans(config, tail, state, active, np.float64, impls=(impl,))
     (sigma2, book2), = scans(config, nan, state, active, np.float64, impls=(impl,))
-    np.testing.assert_array_equal(sigma2, sigma)
-    for a, b in zip(book, book2):
-        np.testing.assert_array_equal(a, b)
+    (sigma3, book3), = scans(config, dict.fromkeys(tail), state, active, np.float64, impls=(impl,))
+    for other, other_book in ((sigma2, book2), (sigma3, book3)):
+        np.testing.assert_array_equal(other, sigma)
+        for a, b in zip(book, other_book):
+            np.testing.assert_array_equal(a, b)
     assert not book[1].any()  # ibar
 
 

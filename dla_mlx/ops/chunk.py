@@ -62,9 +62,10 @@ def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     """The decisions (`dla_shared.scan`, on the host): ``sigma`` int32 [B, H, T, L + C] and the final
     bookkeeping (n, ibar, pos, opened). ``active`` is a numpy bool [B, T]."""
     host = lambda x: None if x is None else np.array(mx.stop_gradient(x))
-    sigma, (n, ibar, pos, opened) = scan(config, host(k), host(v), host(g), host(beta), active,
-                                                host(state.S[:, :, 0]), host(state.n), host(state.ibar),
-                                                host(state.pos), host(state.opened), chunk_size)
+    data = (k, v, g, beta) if config.scored else (None,) * 4  # unscored decisions read positions only
+    sigma, (n, ibar, pos, opened) = scan(config, *map(host, data), active, host(state.S[:, :, 0]),
+                                         host(state.n), host(state.ibar), host(state.pos), host(state.opened),
+                                         chunk_size)
     book = (mx.array(n, dtype=mx.int64), mx.array(ibar, dtype=state.S.dtype), mx.array(pos, dtype=mx.int64),
             mx.array(opened, dtype=mx.int64))
     return mx.array(sigma.astype(np.int32)), book

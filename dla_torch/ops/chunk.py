@@ -115,8 +115,9 @@ def host_scan(config, k, v, g, beta, active, state: DLAState, chunk_size):
     """The decisions (`dla_shared.scan`, on the host): ``sigma`` int16 [B, H, T, L + C] on k's device and
     the final bookkeeping (n, ibar, pos, opened) as CPU tensors."""
     host = lambda x: None if x is None else x.detach().cpu().numpy()
-    sigma, book = scan(config, host(k), host(v), host(g), host(beta), host(active), host(state.S[:, :, 0]),
-                              host(state.n), host(state.ibar), host(state.pos), host(state.opened), chunk_size)
+    data = (k, v, g, beta) if config.scored else (None,) * 4  # unscored decisions read positions only
+    sigma, book = scan(config, *map(host, data), host(active), host(state.S[:, :, 0]), host(state.n),
+                       host(state.ibar), host(state.pos), host(state.opened), chunk_size)
     return torch.from_numpy(sigma).to(k.device), tuple(torch.from_numpy(x) for x in book)
 
 
