@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dla_shared import DLAConfig
-from dla_shared.hub import read_config, resolve
+from dla_shared.hub import check_output, read_config, resolve
 
 from .data import load_tokenizer, read_documents
 from .evaluate import eos_token_id
@@ -179,13 +179,22 @@ def record_layer(model, text: Text, layer: int) -> OpInputs:
     return OpInputs(**found, config=config, cu_seqlens=text.cu_seqlens.numpy())
 
 
+def check_copy(checkpoint: Checkpoint, out) -> bool:
+    """Whether `save_thresholds` writes a copy to ``out``; refuses an ``out`` that would overwrite another
+    model (it must be new or empty, and not a file or inside the checkpoint's folder)."""
+    if out is None or Path(out).resolve() == Path(checkpoint.folder).resolve():
+        return False
+    check_output(out, checkpoint.folder)
+    return True
+
+
 def save_thresholds(checkpoint: Checkpoint, out=None) -> Path:
     """Write the model's ``tau`` tensors (float32 [H] per layer, named as in its state dict) into the weights
     files of ``out`` (a copy of the checkpoint folder) or, without ``out``, of the folder itself. Every other
     tensor and file stays as it is, so a torch folder stays a torch folder and an MLX folder an MLX folder,
     but for a ``manifest.json`` (`dla_shared.hub.verify`), which described the model before and goes."""
     folder = Path(checkpoint.folder)
-    if out is not None and Path(out).resolve() != folder.resolve():
+    if check_copy(checkpoint, out):
         shutil.copytree(folder, out, dirs_exist_ok=True)
         folder = Path(out)
     taus = {name: t.detach().cpu().float().contiguous() for name, t in checkpoint.model.state_dict().items()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dla_shared.calibrate import fit_thresholds, open_rates
 
-from .boundaries import Checkpoint, Text, load_checkpoint, read_text, record_layer, save_thresholds
+from .boundaries import Checkpoint, Text, check_copy, load_checkpoint, read_text, record_layer, save_thresholds
 from .models.base import dla_mixers
 
 TOLERANCE = 0.1  # how far (relative) a head's open rate may land from the target
@@ -92,6 +92,7 @@ def calibrate_folder(model, data, rate: float, out=None, max_tokens: int | None 
     if out is None and not Path(model).is_dir():
         raise ValueError(f"{model} is not a local folder: give an output folder for the calibrated model")
     checkpoint = load_checkpoint(model)
+    check_copy(checkpoint, out)  # before the work
     text = read_text(data, checkpoint.tokenizer, checkpoint.eos_id, max_tokens, text_field)
     result = calibrate(checkpoint, text, rate, steps, progress)
     save_thresholds(checkpoint, out)
@@ -126,6 +127,10 @@ def main(argv=None):
         checkpoint = load_checkpoint(args.model)
     except (OSError, ValueError) as error:
         p.error(f"model {args.model}: {error}")
+    try:
+        check_copy(checkpoint, args.out)
+    except (OSError, ValueError) as error:
+        p.error(f"--out: {error}")
     try:
         text = read_text(args.data, checkpoint.tokenizer, checkpoint.eos_id, args.max_tokens, args.text_field)
     except (OSError, ValueError) as error:

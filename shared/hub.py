@@ -16,6 +16,7 @@ from pathlib import Path
 # scripts/make_default_model.sh; manifest.json says how, with its validation loss and file hashes).
 DEFAULT_MODEL = Path(__file__).with_name("default_model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+MANIFEST = "manifest.json"
 
 
 def resolve(path_or_id) -> Path:
@@ -47,7 +48,7 @@ def resolve(path_or_id) -> Path:
 def verify(folder: Path) -> Path:
     """Check a folder's files against the SHA-256 hashes of its ``manifest.json`` (`scripts/ship_model.py`
     writes one; about 0.1 s for the shipped model), if it has one; return the folder."""
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST
     if not manifest.exists():
         return folder
     for name, expected in json.loads(manifest.read_text()).get("sha256", {}).items():
@@ -109,8 +110,9 @@ def _sha256(file: Path, size: int, mtime_ns: int) -> str:
 @contextlib.contextmanager
 def output_folder(out, source=None, force: bool = False):
     """Write a model folder all or nothing: yields an empty temporary folder beside ``out`` to write into;
-    when the block ends without an error its files replace ``out``'s (old weight files removed, so no stale
-    shard is read), and after an error ``out`` is as it was. Refuses what `check_output` refuses."""
+    when the block ends without an error its files replace ``out``'s (the old model's weight shards, their
+    index and its manifest removed, so that no stale shard is read and no old hash is checked), and after an
+    error ``out`` is as it was. Refuses what `check_output` refuses."""
     out = Path(out)
     check_output(out, source, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,9 @@ def output_folder(out, source=None, force: bool = False):
         yield tmp
         tmp.chmod(0o755)  # mkdtemp's folder is private
         if out.is_dir():
-            for stale in [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.index.json")]:
+            # mlx-lm and the loaders here read every model*.safetensors of a folder as weights
+            for stale in [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.index.json"),
+                          *out.glob(MANIFEST)]:
                 stale.unlink()
             for file in tmp.iterdir():
                 os.replace(file, out / file.name)

@@ -248,16 +248,23 @@ BAD_CALIBRATIONS = {
                        r"uses policy 'fenwick'; boundary thresholds exist only under policy 'dla'"),
     "hub-id-without-out": (lambda f, x: ["someone/some-model", "--data", *x["data"], "--rate", "0.1"],
                            r"--out is needed: someone/some-model is not a local folder"),
+    # --out may not overwrite another model (once it did, silently, through copytree), nor be a file
+    "out-another-model": (lambda f, x: [f, "--data", *x["data"], "--rate", "0.1", "--out", x["fenwick"]],
+                          r"--out: out '.*fenwick' is not empty; choose a new folder"),
+    "out-a-file": (lambda f, x: [f, "--data", *x["data"], "--rate", "0.1", "--out", x["empty"]],
+                   r"--out: out '.*empty.txt' is a file"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CALIBRATIONS))
 def test_calibrate_refuses_bad_input_clearly(case, bad_inputs, folders, corpus, capsys):
     make_argv, message = BAD_CALIBRATIONS[case]
+    other = {f.name: f.read_bytes() for f in Path(bad_inputs["fenwick"]).iterdir()}
     with pytest.raises(SystemExit) as exit_:
         calibrate_cli.main(make_argv(folders["gdn", "torch"], {**bad_inputs, "data": corpus[0]}))
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert {f.name: f.read_bytes() for f in Path(bad_inputs["fenwick"]).iterdir()} == other  # left as it was
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -274,6 +281,13 @@ def test_upcycle_refuses_a_rate_without_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         upcycle_cli([str(tmp_path), str(tmp_path / "out"), "--rate", "0.1"])
     assert "--calibrate-data and --rate go together" in capsys.readouterr().err
+
+
+def test_upcycle_checks_its_calibration_data_before_writing(bad_inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        upcycle_cli([bad_inputs["mamba2"], str(tmp_path / "out"), "--calibrate-data", "nope.txt", "--rate", "0.1"])
+    assert "--calibrate-data: no such file: nope.txt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_thresholds_go_into_sharded_weights_beside_each_layers_L(folders, tmp_path):

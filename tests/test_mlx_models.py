@@ -269,12 +269,14 @@ def test_convert_into_a_non_empty_folder_needs_force_and_drops_stale_shards(tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "manifest.json").write_text('{"files": {"config.json": "0"}}')  # the old model's hashes
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         convert_cli([str(tmp_path / "torch"), str(out)])
     assert "not empty" in capsys.readouterr().err and (out / "model-00001-of-00002.safetensors").exists()
     assert convert_cli([str(tmp_path / "torch"), str(out), "--force"]) == 0
-    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists() and not (out / "manifest.json").exists()
+    assert (out / "notes.txt").read_text() == "mine"
     ids = np.random.default_rng(1).integers(0, 61, (1, 20))
     with torch.no_grad():
         expected = model(torch.tensor(ids)).logits.numpy()

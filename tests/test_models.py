@@ -165,6 +165,31 @@ def test_upcycle_cli_writes_a_loadable_checkpoint(hf_mamba2, tmp_path, capsys):
         close(model(ids).logits, hf(ids).logits)
 
 
+def test_upcycle_never_overwrites_its_source_or_another_model(hf_mamba2, tmp_path, capsys):
+    """`dla-upcycle M M` once rewrote M as a DLA model; a non-empty OUT needs --force, which replaces the model
+    in it (weights and manifest) and keeps other files. Bad policy arguments are errors, not tracebacks."""
+    _, folder = hf_mamba2
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    for out in (folder, folder / "sub"):
+        with pytest.raises(SystemExit):
+            upcycle_cli([str(folder), str(out)])
+        assert "is the source folder or inside it" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        upcycle_cli([str(folder), str(out)])
+    assert "is not empty" in capsys.readouterr().err
+    assert upcycle_cli([str(folder), str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "manifest.json").exists()
+    assert from_pretrained(out).config.dla.policy == "dla"
+    with pytest.raises(SystemExit):
+        upcycle_cli([str(folder), str(tmp_path / "k0"), "--capacity", "0"])
+    assert "capacity" in capsys.readouterr().err and not (tmp_path / "k0").exists()
+
+
 def test_upcycle_rejects_other_model_types(tmp_path):
     save_pretrained(tiny("gdn"), tmp_path)
     with pytest.raises(ValueError, match=r"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint"

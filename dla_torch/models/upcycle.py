@@ -19,12 +19,13 @@ gated MLP, Log-Linear's plain ``softplus(L * dl)`` read weights, and ``capacity`
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from dla_shared import DLAConfig
 from dla_shared.config import mlp_size
-from dla_shared.hub import TOKENIZER_FILES, read_config, resolve
+from dla_shared.hub import TOKENIZER_FILES, check_output, output_folder, read_config, resolve
 
 from .dla_gated_deltanet import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM
 from .dla_mamba2 import DLAMamba2Config, DLAMamba2ForCausalLM
@@ -109,10 +110,13 @@ SOURCES = {  # model_type: (config, DLA model, layer prefix with {i} as the laye
 }
 
 
-def upcycle(path_or_id, dla: DLAConfig, out=None):
+def upcycle(path_or_id, dla: DLAConfig, out=None, force: bool = False):
     """Load a Mamba-2 (transformers), Log-Linear Mamba-2 or Gated DeltaNet (fla) folder or Hub id as a DLA
-    model (saved to ``out`` if given)."""
+    model, saved to ``out`` if given: a new or empty folder (``force``: replace the model in a non-empty one),
+    never the source, written all or nothing (`dla_shared.hub.output_folder`)."""
     folder = resolve(path_or_id)
+    if out is not None:
+        check_output(out, folder, force)  # before any loading
     source = read_config(folder)
     if source.get("model_type") not in SOURCES:
         raise ValueError(f"expected a Mamba-2, Log-Linear Mamba-2 or Gated DeltaNet checkpoint (model_type one of "
@@ -126,7 +130,8 @@ def upcycle(path_or_id, dla: DLAConfig, out=None):
     model.load_state_dict(weights, strict=False)
     if out is not None:
         has_tokenizer = any((folder / name).exists() for name in TOKENIZER_FILES)
-        save_pretrained(model, out, tokenizer_dir=folder if has_tokenizer else None)
+        with output_folder(out, folder, force) as tmp:
+            save_pretrained(model, tmp, tokenizer_dir=folder if has_tokenizer else None)
     return model.eval()
 
 
@@ -134,7 +139,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="dla-upcycle", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a transformers Mamba-2, or fla Log-Linear Mamba-2 or Gated DeltaNet, checkpoint "
                                   "folder or Hub id")
-    p.add_argument("out", help="folder for the DLA checkpoint")
+    p.add_argument("out", help="the folder to write the DLA checkpoint into (new or empty, or see --force)")
+    p.add_argument("--force", action="store_true", help="replace the model in a non-empty OUT (its old weight "
+                   "files and manifest are removed; other files stay)")
     p.add_argument("--policy", default="dla", choices=["single", "fenwick", "fixed", "dla"])
     p.add_argument("--capacity", type=int, default=30)
     p.add_argument("--threshold", type=float, default=0.6)
@@ -147,8 +154,15 @@ def main(argv=None):
         p.error("--calibrate-data and --rate go together, with --policy dla")
     if args.rate is not None and not 0 < args.rate < 1:
         p.error(f"--rate must be in (0, 1), got {args.rate}")
-    dla = DLAConfig(policy=args.policy, capacity=args.capacity, threshold=args.threshold, block_size=args.block_size)
-    model = upcycle(args.source, dla, args.out)
+    missing = [f for f in args.calibrate_data or [] if not Path(f).is_file()]
+    if missing:  # before anything is written
+        p.error(f"--calibrate-data: no such file: {', '.join(missing)}")
+    try:
+        dla = DLAConfig(policy=args.policy, capacity=args.capacity, threshold=args.threshold,
+                        block_size=args.block_size)
+        model = upcycle(args.source, dla, args.out, args.force)
+    except (OSError, ValueError) as error:
+        p.error(str(error))
     print(f"wrote {args.out}: {model.config.model_type}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, policy {dla.policy}")
     if args.calibrate_data:
