@@ -9,7 +9,8 @@ writes to ``out``: ``metrics.jsonl`` (one line per logged step and per validatio
 ``checkpoints/step_N`` (model, optimizer, scheduler and data position, through torch.distributed.checkpoint),
 and at the end ``model/`` in the Hugging Face layout (`dla_torch.models.from_pretrained` loads it). A run
 restarted with the same ``out`` resumes from its latest checkpoint; ``train.stop_at`` ends a run early
-(after a checkpoint) for jobs with a time limit.
+(after a checkpoint) for jobs with a time limit; ``train.resume=false`` starts over, moving a previous run's
+files to ``out/previous-*``.
 
 With the ``dla`` policy, every step records each layer's boundary rate (the share of the step's tokens that
 opened a state, mean, min and max over heads), and when the model's ``dla.target_rate`` is set, every head's
@@ -24,6 +25,8 @@ import copy
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -54,6 +57,13 @@ DEFAULTS = {
 # What a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE = ("train.stop_at", "train.resume", "train.log_every", "train.eval_every", "train.eval_rows",
              "train.save_every", "train.compile", "train.activation_checkpointing", "train.deterministic")
+# The train fields that are finite numbers: (test, what the value must be).
+NUMBERS = {"lr": (lambda x: x > 0, "a finite number > 0"),
+           "min_lr_ratio": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+           "decay_fraction": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+           "weight_decay": (lambda x: x >= 0, "a finite number >= 0"),
+           "clip": (lambda x: x > 0, "a finite number > 0 (the gradient norm's bound)"),
+           "tau_eta": (lambda x: x > 0, "a finite number > 0 (the threshold controller's step size)")}
 # Parameters trained without weight decay besides biases and norms (Log-Linear keeps L out too).
 NO_DECAY = ("A_log", "dt_bias", "D", "L")
 
@@ -84,6 +94,8 @@ def _merge(base: dict, new: dict, where: str):
         if key not in base and not (where + ".").startswith(".model."):
             raise ValueError(f"unknown config field {where[1:] + '.' if where else ''}{key}; "
                              f"expected one of {sorted(base)}")
+        if isinstance(base.get(key), dict) and not isinstance(value, dict):
+            raise ValueError(f"{where[1:] + '.' if where else ''}{key} must be an object of fields, got {value!r}")
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, f"{where}.{key}")
         else:
@@ -98,18 +110,30 @@ def _check(config):
         raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {t['parallel']!r}")
     if t["dtype"] not in ("bf16", "fp32"):
         raise ValueError(f"train.dtype must be 'bf16' or 'fp32', got {t['dtype']!r}")
-    for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
-        if not isinstance(t[name], int) or t[name] < 1:
+    for name in ("seq_len", "micro_batch", "grad_accum", "steps", "log_every", "eval_every", "eval_rows",
+                 "save_every"):
+        if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < 1:
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
+    if isinstance(t["warmup"], bool) or not isinstance(t["warmup"], int) or t["warmup"] < 0:
+        raise ValueError(f"train.warmup must be an integer >= 0, got {t['warmup']!r}")
+    for name, (ok, what) in NUMBERS.items():
+        x = t[name]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and ok(x)):
+            raise ValueError(f"train.{name} must be {what}, got {x!r}")
+    betas = t["betas"]
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's), got {betas!r}")
     for name in ("activation_checkpointing", "compile", "resume", "deterministic"):
         if not isinstance(t[name], bool):
             raise ValueError(f"train.{name} must be true or false, got {t[name]!r}")
     if t["stop_at"] is not None and not (isinstance(t["stop_at"], int) and 0 < t["stop_at"] < t["steps"]):
         raise ValueError(f"train.stop_at must be a step between 1 and train.steps - 1, got {t['stop_at']!r}")
-    eta = t["tau_eta"]
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta > 0):
-        raise ValueError(f"train.tau_eta (the threshold controller's step size) must be a finite number > 0, "
-                         f"got {eta!r}")
+    fraction = config["data"]["valid_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"data.valid_fraction must be a number in [0, 1), got {fraction!r}")
+    if Path(config["out"]).is_file():
+        raise ValueError(f"out {config['out']!r} is a file; expected a folder for the run")
     if config["model"].get("type") not in model_types():
         raise ValueError(f"model.type must be one of {sorted(model_types())}, got {config['model'].get('type')!r}")
     if not config["data"]["tokenizer"] or not config["data"]["train"]:
@@ -187,6 +211,8 @@ class Trainer:
         self.step = 0
         if t["resume"]:
             self.resume()
+        else:
+            self.set_aside()
 
     # -- one step -----------------------------------------------------------------------------------
     def loss(self, index: int, rows: PackedTokens):
@@ -286,6 +312,20 @@ class Trainer:
             self.step = trainer["step"]
             self.log({"event": "resumed", "step": self.step, "from": str(folder)})
             return
+
+    def set_aside(self):
+        """train.resume=false: a previous run's checkpoints, metrics and model in ``out`` move to
+        ``out/previous-<time>-<random>``, so that the new run neither mixes its metrics with them nor resumes
+        from them later; nothing is deleted."""
+        old = [self.out / name for name in ("checkpoints", "metrics.jsonl", "model") if (self.out / name).exists()]
+        if old and self.rank == 0:
+            aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.out))
+            aside.chmod(0o755)  # mkdtemp's folder is private
+            for path in old:
+                os.replace(path, aside / path.name)
+            print(f"train.resume=false: the previous run's {', '.join(p.name for p in old)} moved to {aside}",
+                  file=sys.stderr)
+        _barrier(self.world)
 
     def export(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -410,8 +450,17 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))
     history = trainer.fit()
-    if trainer.rank == 0 and history:
-        print(f"trained {trainer.step} steps; last loss {history[-1]['loss']:.4f}; model in {trainer.out / 'model'}")
+    steps = config["train"]["steps"]
+    if trainer.rank == 0:
+        if trainer.step < steps:
+            print(f"stopped at step {trainer.step} of {steps} (train.stop_at); run again with the same out and "
+                  f"config to resume: checkpoints in {trainer.out / 'checkpoints'}")
+        elif history:
+            print(f"trained {trainer.step} steps; last loss {history[-1]['loss']:.4f}; "
+                  f"model in {trainer.out / 'model'}")
+        else:
+            print(f"{trainer.out} holds a finished run of {steps} steps: nothing to train (model in "
+                  f"{trainer.out / 'model'}); choose a new out, or set train.resume=false to start over")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -165,8 +165,20 @@ def test_config_errors_name_the_field(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"model.type must be one of"):
         load_config(None, good + ["model.type=gpt2"])
     for eta in (0, -0.1, float("inf"), "fast"):
-        with pytest.raises(ValueError, match=r"train.tau_eta \(.*\) must be a finite number > 0"):
+        with pytest.raises(ValueError, match=r"train.tau_eta must be a finite number > 0 \(the threshold"):
             load_config(None, good + [f"train.tau_eta={json.dumps(eta)}"])
+    for setting, message in [("train.lr=abc", "train.lr must be a finite number > 0, got 'abc'"),
+                             ("train.log_every=0", "train.log_every must be a positive integer, got 0"),
+                             ("train.eval_rows=0", "train.eval_rows must be a positive integer, got 0"),
+                             ("train.warmup=-5", "train.warmup must be an integer >= 0, got -5"),
+                             ("train.betas=0.9", r"train.betas must be two numbers in \[0, 1\) \(AdamW's\), got 0.9"),
+                             ("train.min_lr_ratio=2", r"train.min_lr_ratio must be a number in \[0, 1\], got 2"),
+                             ("train.clip=abc", "train.clip must be a finite number > 0"),
+                             ("train=5", "train must be an object of fields, got 5"),
+                             ("data.valid_fraction=2", r"data.valid_fraction must be a number in \[0, 1\), got 2"),
+                             (f"out={json.dumps(str(corpus / 'train.jsonl'))}", "is a file; expected a folder")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(None, good + [setting])
     for name in ("deterministic", "compile"):
         with pytest.raises(ValueError, match=rf"train.{name} must be true or false, got 'False'"):
             load_config(None, good + [f"train.{name}=False"])  # not JSON: the string 'False', which is truthy
@@ -251,6 +263,29 @@ def test_resume_refuses_a_changed_config(corpus, tmp_path):
             Trainer(load_config(None, settings(corpus, out) + change))
     assert Trainer(load_config(None, settings(corpus, out, eval_every=7))).step == 2  # a resumable field
     assert Trainer(load_config(None, settings(corpus, out, resume=False) + ["train.lr=0.1"])).step == 0
+
+
+def test_the_summary_line_says_how_the_run_ended_and_starting_over_sets_the_old_run_aside(corpus, tmp_path, capsys):
+    """stop_at names the checkpoints, not a model it did not write; rerunning a finished run trains nothing
+    and says so; train.resume=false moves the previous run's files aside instead of mixing its metrics with
+    the new run's and leaving its checkpoints for a later resume to find."""
+    out = tmp_path / "run"
+    cli = lambda **train: main(sum((["--set", s] for s in settings(corpus, out, **train)), []))
+    assert cli(stop_at=2) == 0
+    assert "stopped at step 2 of 4 (train.stop_at)" in capsys.readouterr().out and not (out / "model").exists()
+    assert cli() == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    assert cli() == 0
+    assert "holds a finished run of 4 steps: nothing to train" in capsys.readouterr().out
+    old_metrics = (out / "metrics.jsonl").read_text()
+    assert cli(steps=3, resume=False) == 0
+    printed = capsys.readouterr()
+    assert "trained 3 steps" in printed.out
+    assert "the previous run's checkpoints, metrics.jsonl, model moved to" in printed.err
+    aside, = out.glob("previous-*")
+    assert (aside / "metrics.jsonl").read_text() == old_metrics and (aside / "checkpoints" / "step_4").is_dir()
+    assert len(losses(out)) == 3  # the new run's steps only
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_3"]
 
 
 def test_resume_falls_back_to_the_newest_complete_checkpoint(corpus, tmp_path):
