@@ -26,6 +26,8 @@ from dla_shared.hub import check_output, copy_tokenizer, output_folder, read_con
 
 MODEL_TYPES = ("dla_mamba2", "dla_gated_deltanet")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# What mx.quantize accepts (affine mode): other values raise, or with group size 0 crash the process.
+Q_BITS, Q_GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8), (32, 64, 128)
 
 
 def register():
@@ -76,6 +78,9 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import quantize_model, save_config, save_model
 
+    if q_bits is not None and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
+        raise ValueError(f"quantization: bits must be one of {Q_BITS} and group size one of {Q_GROUP_SIZES}, "
+                         f"got bits={q_bits}, group size={q_group_size}")
     register()
     folder = resolve(source)
     _check_type(read_config(folder))
@@ -88,6 +93,9 @@ def torch_to_mlx(source, out, dtype=None, q_bits=None, q_group_size=64, force=Fa
         config["torch_dtype"] = dtype
     if q_bits is not None:
         model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=model.quant_predicate)
+        if not any(name.endswith(".scales") for name, _ in tree_flatten(model.parameters())):
+            raise ValueError(f"quantization: no linear layer's input size is a multiple of the group size "
+                             f"{q_group_size}, so nothing would be quantized; choose a smaller group size")
     mx.eval(model.parameters())
     config["model_file"] = MODEL_FILE
     config.pop("auto_map", None)  # the torch folders' remote code (modeling_dla.py) stays with them
@@ -141,30 +149,39 @@ def main(argv=None):
     p.add_argument("--to", choices=["mlx", "torch"], default="mlx")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast (MLX side; decay and read weights stay)")
     p.add_argument("--quantize", action="store_true", help="quantize the MLX model's linear layers")
-    p.add_argument("--q-bits", type=int, default=4)
-    p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--policy", default="dla", help="for a Mamba-2 / Gated DeltaNet source: the DLA policy")
-    p.add_argument("--capacity", type=int, default=30, help="for a Mamba-2 / Gated DeltaNet source: K")
+    p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
+    p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
+    p.add_argument("--policy", help="for a Mamba-2 / Gated DeltaNet source: the DLA policy (default dla)")
+    p.add_argument("--capacity", type=int, help="for a Mamba-2 / Gated DeltaNet source: K (default 30)")
     args = p.parse_args(argv)
     quantize = args.q_bits if args.quantize else None
+    if args.to == "torch" and (args.dtype or args.quantize):
+        p.error("--dtype and --quantize apply to the MLX side only")
     try:  # before any loading
-        check_output(args.out, resolve(args.source), args.force)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        folder = resolve(args.source)
+        check_output(args.out, folder, args.force)
+        source = read_config(folder)
+    except (OSError, ValueError) as e:
         p.error(str(e))
-    if args.to == "torch":
-        if args.dtype or args.quantize:
-            p.error("--dtype and --quantize apply to the MLX side only")
-        mlx_to_torch(args.source, args.out, args.force)
-    elif read_config(resolve(args.source)).get("model_type") not in MODEL_TYPES:
-        # A pretrained single-state model: upcycle it to DLA in the torch layout first.
-        from dla_shared import DLAConfig
-        from dla_torch.models.upcycle import upcycle
+    upcycled = source.get("model_type") not in MODEL_TYPES and args.to == "mlx"
+    if not upcycled and (args.policy is not None or args.capacity is not None):
+        p.error(f"--policy and --capacity set the policy of a Mamba-2 / Gated DeltaNet source; {args.source} is "
+                f"a {source.get('model_type')} checkpoint, whose policy stays (dla-calibrate sets its thresholds)")
+    try:
+        if args.to == "torch":
+            mlx_to_torch(folder, args.out, args.force)
+        elif upcycled:  # a pretrained single-state model: upcycle it to DLA in the torch layout first
+            from dla_shared import DLAConfig
+            from dla_torch.models.upcycle import upcycle
 
-        with tempfile.TemporaryDirectory() as folder:
-            upcycle(args.source, DLAConfig(policy=args.policy, capacity=args.capacity), folder)
+            with tempfile.TemporaryDirectory() as tmp:
+                upcycle(folder, DLAConfig(policy=args.policy or "dla",
+                                           capacity=30 if args.capacity is None else args.capacity), tmp)
+                torch_to_mlx(tmp, args.out, args.dtype, quantize, args.q_group_size, args.force)
+        else:
             torch_to_mlx(folder, args.out, args.dtype, quantize, args.q_group_size, args.force)
-    else:
-        torch_to_mlx(args.source, args.out, args.dtype, quantize, args.q_group_size, args.force)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     print(f"wrote {args.out}")
     return 0
 

@@ -292,6 +292,36 @@ def test_convert_to_torch_from_a_torch_folder_is_a_copy(tmp_path, tokenizer_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+BAD_CONVERSIONS = {  # extra arguments after SOURCE OUT: what stderr says
+    "q-bits-7": (["--quantize", "--q-bits", "7"], "argument --q-bits: invalid choice: 7"),
+    "q-group-size-0": (["--quantize", "--q-group-size", "0"], "argument --q-group-size: invalid choice: 0"),
+    "nothing-to-quantize": (["--quantize", "--q-group-size", "128"],
+                            "no linear layer's input size is a multiple of the group size 128"),
+    "policy-of-a-dla-model": (["--policy", "fenwick"], "--policy and --capacity set the policy of a Mamba-2"),
+    "not-a-model": (["--source", "empty"], "no config.json"),
+    "to-torch-of-a-llama": (["--source", "llama", "--to", "torch"], "unknown model_type 'llama'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONVERSIONS)
+def test_convert_refuses_bad_arguments_with_a_message(case, tmp_path, tokenizer_dir, capsys):
+    """Each once went wrong: a quantization setting silently replaced (0 bits became 4) or a process crash
+    (group size 0), a model marked quantized with nothing quantized, a policy ignored, a traceback."""
+    # the tiny Mamba-2's linear layers take 32 or 64 inputs
+    save_pretrained(tiny("mamba2", vocab_size=VOCAB), tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    extra, message = BAD_CONVERSIONS[case]
+    source = tmp_path / "m"
+    if extra[0] == "--source":
+        source, extra = tmp_path / extra[1], extra[2:]
+    with pytest.raises(SystemExit) as exit_:
+        convert_cli([str(source), str(tmp_path / "out"), *extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_convert_leaves_no_half_written_model(tmp_path, tokenizer_dir, monkeypatch):
     import dla_mlx.convert as convert
 
