@@ -17,7 +17,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from dla_shared.hub import DEFAULT_MODEL
+from dla_shared.hub import DEFAULT_MODEL, check_output_files
+from dla_shared.plot import FIGURE_SUFFIXES
 
 from .convert import load
 
@@ -56,9 +57,13 @@ def main(argv=None):
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--boundaries", metavar="PNG", help="also show where the state cache opened states over the "
                    "prompt and output (text with '|' marks, and a plot written to PNG)")
-    p.add_argument("--boundaries-layer", type=int, default=0)
-    p.add_argument("--boundaries-head", type=int, default=0)
+    p.add_argument("--boundaries-layer", type=int, help="the layer --boundaries shows (default 0)")
+    p.add_argument("--boundaries-head", type=int, help="the head --boundaries shows (default 0)")
     args = p.parse_args(argv)
+    if args.boundaries is None and (args.boundaries_layer, args.boundaries_head) != (None, None):
+        p.error("--boundaries-layer and --boundaries-head choose what --boundaries shows; give --boundaries PNG")
+    check_output_files(p, ("--boundaries", args.boundaries, FIGURE_SUFFIXES))
+    args.boundaries_layer, args.boundaries_head = args.boundaries_layer or 0, args.boundaries_head or 0
     checks = {"--max-tokens": (args.max_tokens >= 1, ">= 1"),
               "--temp": (math.isfinite(args.temp) and args.temp >= 0, "a finite number >= 0"),
               "--top-p": (0 < args.top_p <= 1, "in (0, 1]"), "--top-k": (args.top_k >= 0, ">= 0"),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dla_shared.hub import DEFAULT_MODEL, resolve
+from dla_shared.hub import DEFAULT_MODEL, check_output_files, resolve
 
 from .data import load_tokenizer, read_documents
 from .models.hub import from_pretrained
@@ -146,6 +146,7 @@ def main(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    check_output_files(p, ("--json", args.json, None))
     if not Path(args.model).exists() and not _is_hub_id(args.model):
         p.error(f"--model: {args.model} is not a folder (nor a Hub id)")
 

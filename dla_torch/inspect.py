@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dla_shared import Trace, inspect
-from dla_shared.plot import pyplot
+from dla_shared.hub import check_output_files
+from dla_shared.plot import FIGURE_SUFFIXES, pyplot
 
 from .boundaries import Checkpoint, Text, load_checkpoint, read_text, record_layer
 
@@ -111,14 +112,18 @@ def main(argv=None):
     p.add_argument("--png", metavar="OUT", help="also draw the open rates (layers x heads) to this PNG file")
     p.add_argument("--text", action="store_true", help="print the text with '|' before each token where --layer's "
                    "--head opened a state")
-    p.add_argument("--layer", type=int, default=0, help="the layer --text shows")
-    p.add_argument("--head", type=int, default=0, help="the head --text shows")
+    p.add_argument("--layer", type=int, help="the layer --text shows (default 0)")
+    p.add_argument("--head", type=int, help="the head --text shows (default 0)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help=f"read at most N tokens of the data (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--text-field", default="text", help="the documents' field in JSONL files")
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    if not args.text and (args.layer, args.head) != (None, None):
+        p.error("--layer and --head choose what --text shows; give --text")
+    check_output_files(p, ("--json", args.json, None), ("--png", args.png, FIGURE_SUFFIXES))
+    args.layer, args.head = args.layer or 0, args.head or 0
     try:
         checkpoint = load_checkpoint(args.model)
     except (OSError, ValueError) as error:

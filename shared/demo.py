@@ -19,8 +19,9 @@ import numpy as np
 
 from .calibrate import fit_thresholds
 from .config import DLAConfig
+from .hub import check_output_files
 from .oracle import dla_attention, inspect
-from .plot import pyplot
+from .plot import FIGURE_SUFFIXES, pyplot
 from .synthetic import as_batch, deviation_bound, needle_recall, needle_stream, piecewise_stream
 
 POLICIES = ("dla", "fixed", "fenwick")
@@ -136,6 +137,10 @@ def main(argv=None):
         p.error(f"--decay must be <= 0, got {args.decay}")
     if min(args.budgets) < 2:
         p.error(f"--budgets must be >= 2, got {args.budgets}")
+    for name in ("segments", "length", "dim", "seeds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    check_output_files(p, ("--plot", args.plot, FIGURE_SUFFIXES), ("--json", args.json, None))
     common = (args.segments, args.length, args.dim, args.noise, args.decay, args.threshold)
     rows = evaluate(args.budgets, range(args.seeds), *common)
     print(f"{args.seeds} streams of {args.segments} segments (~{args.length} tokens each), Dk = Dv = {args.dim}, "

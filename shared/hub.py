@@ -96,6 +96,31 @@ def check_output(out, source=None, force: bool = False) -> None:
                               "(--force) to replace the model in it")
 
 
+def check_output_file(path, name: str, suffixes=None) -> Path:
+    """Refuse, before any work, an output file ``path`` (the argument ``name``) that cannot be written where
+    asked: a folder, in a folder that does not exist, or (``suffixes`` given) without one of those suffixes,
+    which would write another file than the one named (matplotlib adds ``.png`` to a name without one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; expected a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{name} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{name} {str(path)!r} must end in one of {', '.join(suffixes)}")
+    return path
+
+
+def check_output_files(parser, *outputs) -> None:
+    """`check_output_file` for each (argument name, path or None, suffixes or None) of a command line; a
+    refusal is the parser's error (exit status 2), before any work."""
+    for name, path, suffixes in outputs:
+        if path is not None:
+            try:
+                check_output_file(path, name, suffixes)
+            except ValueError as error:
+                parser.error(str(error))
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256(file: Path, size: int, mtime_ns: int) -> str:
     """A file's SHA-256, computed once per (path, size, modification time): a command resolves a folder

@@ -17,6 +17,10 @@ def pyplot():
     return plt
 
 
+# The picture formats of matplotlib's Agg backend that the CLIs write (by the file's suffix).
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
 def plot_trace(trace: Trace, path, b: int = 0, h: int = 0, threshold=None, title: str = ""):
     """Write a PNG: the score per token (with the threshold: one number, or one per head of which head
     ``h``'s is drawn), the number of states, and the slot map slot_t(s) (which state each past token s sits
