@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from dla_shared.hub import check_output, copy_tokenizer, output_folder, read_config, resolve
+from dla_shared.hub import TOKENIZER_FILES, check_output, copy_tokenizer, output_folder, read_config, resolve
 
 MODEL_TYPES = ("dla_mamba2", "dla_gated_deltanet")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -48,6 +48,10 @@ def load(path_or_id, **kwargs):
     from mlx_lm import load as mlx_load
     from transformers.utils import logging
 
+    folder = resolve(path_or_id)
+    _check_type(read_config(folder))
+    if not any((folder / name).exists() for name in (*TOKENIZER_FILES, "tokenizer.model")):
+        raise ValueError(f"{folder} has no tokenizer (tokenizer.json, or another of {list(TOKENIZER_FILES)})")
     register()
     # transformers' AutoTokenizer reads config.json and warns that it does not know the DLA model types.
     verbosity = logging.get_verbosity()
@@ -55,8 +59,7 @@ def load(path_or_id, **kwargs):
     try:
         model_config = {**kwargs.pop("model_config", {}), "model_file": None}
         tokenizer_config = {"trust_remote_code": False, **kwargs.pop("tokenizer_config", {})}
-        return mlx_load(str(resolve(path_or_id)), model_config=model_config, tokenizer_config=tokenizer_config,
-                        **kwargs)
+        return mlx_load(str(folder), model_config=model_config, tokenizer_config=tokenizer_config, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
 
@@ -137,7 +140,8 @@ def mlx_to_torch(source, out, force=False):
 
 def _check_type(config):
     if config.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {config.get('model_type')!r}; expected one of {list(MODEL_TYPES)}")
+        raise ValueError(f"unknown model_type {config.get('model_type')!r}; expected one of {list(MODEL_TYPES)} "
+                         "(`dla-convert SOURCE OUT` makes a DLA model of a Mamba-2 or Gated DeltaNet checkpoint)")
 
 
 def main(argv=None):

@@ -82,7 +82,7 @@ def main(argv=None):
         mx.random.seed(args.seed)
     try:
         model, tokenizer = load(args.model)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: MLX's, e.g. of a damaged weights file
         p.error(f"--model {args.model}: {error}")
     if args.boundaries:
         from .models.base import dla_mixers

@@ -147,6 +147,12 @@ def main(argv=None):
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     check_output_files(p, ("--json", args.json, None))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        p.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     if not Path(args.model).exists() and not _is_hub_id(args.model):
         p.error(f"--model: {args.model} is not a folder (nor a Hub id)")
 

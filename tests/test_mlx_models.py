@@ -342,3 +342,28 @@ def test_token_ids_outside_the_vocabulary_are_refused(ids, tmp_path, tokenizer_d
     _, model, _ = converted("gdn", "dla", tmp_path, tokenizer_dir)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size = 300\), got ids from"):
         model(mx.array(ids))
+
+
+def test_a_folder_that_is_not_a_usable_dla_model_is_named_as_such(tmp_path, tokenizer_dir, capsys):
+    """dla-generate on a plain Mamba-2 once failed inside mlx-lm with a TypeError, on a folder without a
+    tokenizer with transformers' 'install sentencepiece', and torch's loader read an MLX folder as a list of
+    shape mismatches."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from dla_mlx.generate import main as generate_cli
+    from dla_torch.models import from_pretrained
+
+    Mamba2ForCausalLM(Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8, head_dim=8,
+                                   num_heads=8, n_groups=1)).save_pretrained(tmp_path / "hf")
+    converted("gdn", "dla", tmp_path, tokenizer_dir)
+    (tmp_path / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors", "dla_model.py"):
+        (tmp_path / "no-tokenizer" / name).write_bytes((tmp_path / "mlx" / name).read_bytes())
+    for folder, message in [("hf", "unknown model_type 'mamba2'; expected one of ['dla_mamba2', 'dla_gated_deltanet'] "
+                                   "(`dla-convert SOURCE OUT` makes a DLA model"),
+                            ("no-tokenizer", "has no tokenizer (tokenizer.json")]:
+        with pytest.raises(SystemExit) as exit_:
+            generate_cli(["--model", str(tmp_path / folder), "--prompt", "x"])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"is an MLX checkpoint \(dla-convert's\).*--to torch"):
+        from_pretrained(tmp_path / "mlx")

@@ -62,6 +62,9 @@ def load_checkpoint(path_or_id, cls=None):
         raise ValueError(f"unknown model_type {model_type!r} in {folder}/config.json; expected one of {sorted(types)}")
     if cls not in (None, types[model_type]):
         raise ValueError(f"{folder} holds a {model_type} model, not a {cls.config_class.model_type}")
+    if "model_file" in config:  # dla-convert names mlx-lm's loader module in the MLX folders it writes
+        raise ValueError(f"{folder} is an MLX checkpoint (dla-convert's): load it with dla_mlx, or convert it for "
+                         f"torch with `dla-convert {folder} OUT --to torch`")
     cls = types[model_type]
     model = cls(cls.config_class.from_dict(config))
     weights = with_thresholds(model, load_weights(folder))
