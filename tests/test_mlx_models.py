@@ -338,10 +338,14 @@ def test_a_failed_convert_leaves_no_half_written_model(tmp_path, tokenizer_dir, 
 
 @pytest.mark.parametrize("ids", [[[1, 300]], [[-1, 2]]], ids=["past-the-vocabulary", "negative"])
 def test_token_ids_outside_the_vocabulary_are_refused(ids, tmp_path, tokenizer_dir):
-    """As torch's embedding refuses them (MLX's would read past its table)."""
-    _, model, _ = converted("gdn", "dla", tmp_path, tokenizer_dir)
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size = 300\), got ids from"):
-        model(mx.array(ids))
+    """By both backends' models, with the same message (MLX's embedding would read past its table, torch's
+    CPU one raised an IndexError that names no id)."""
+    model, mlx_model, _ = converted("gdn", "dla", tmp_path, tokenizer_dir)
+    message = r"token ids must be in \[0, vocab_size = 300\), got ids from " + f"{min(ids[0])} to {max(ids[0])}"
+    with pytest.raises(ValueError, match=message):
+        mlx_model(mx.array(ids))
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor(ids))
 
 
 def test_a_folder_that_is_not_a_usable_dla_model_is_named_as_such(tmp_path, tokenizer_dir, capsys):

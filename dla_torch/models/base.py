@@ -278,7 +278,11 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         if cu_seqlens is not None:  # the document of every token, so convolutions stop at document starts
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             seq_ids = (torch.searchsorted(cu_seqlens.to(input_ids.device), positions, right=True) - 1)[None]
-        h = self.body.embeddings(input_ids)
+        try:
+            h = self.body.embeddings(input_ids)
+        except IndexError as error:  # the CPU's message names no id (CUDA fails in a device-side assert)
+            raise ValueError(f"token ids must be in [0, vocab_size = {self.config.vocab_size}), got ids from "
+                             f"{int(input_ids.min())} to {int(input_ids.max())}") from error
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kw = {"mask": mask, "cache": None if cache is None else cache[i], "seq_ids": seq_ids,
