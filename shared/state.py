@@ -121,8 +121,8 @@ def check_inputs(config, q, k, v, g, lam, beta, mask, initial_state, cu_seqlens,
     if len(q.shape) != 4:
         raise ValueError(f"q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
     B, T, H, Dk = q.shape
-    if B == 0 or H == 0 or Dk == 0:  # T = 0 is a call with no tokens, which returns the state as it is
-        raise ValueError(f"q [B, T, H, Dk] must have at least one sequence, head and key dimension, got shape "
+    if H == 0 or Dk == 0:  # B = 0 (no sequences) and T = 0 (no tokens) are calls with nothing to compute
+        raise ValueError(f"q [B, T, H, Dk] must have at least one head and key dimension, got shape "
                          f"{tuple(q.shape)}")
     config.thresholds(H)  # a per-head threshold has one value per head
     if len(v.shape) != 4:

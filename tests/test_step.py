@@ -251,13 +251,22 @@ def test_the_compiled_step_in_place_writes_into_s():
         decode.decode(config, 0.5, *args, np.ones((2, 6), bool), own, **books, inplace=True)
 
 
-@needs_c
-def test_cpu_on_an_empty_batch():
+EMPTY_BATCH = [(backend, impl, T) for backend in ("torch", "mlx") for impl in ("reference", "step", "cpu", "chunk")
+               for T in (1, 3)]
+
+
+@pytest.mark.parametrize("backend, impl, T", EMPTY_BATCH, ids=[f"{b}-{i}-T{t}" for b, i, t in EMPTY_BATCH])
+def test_an_empty_batch_gives_empty_outputs_and_state(backend, impl, T):
+    """No sequences (B = 0): every impl returns o [0, T, H, Dv] and a state of no rows (the chunk paths, which
+    reduce over rows, once failed on it)."""
+    if impl == "cpu" and not decode.available():
+        pytest.skip("the C step was not built (no C compiler)")
     config = config_for("dla")
-    x = to_torch(make_inputs(config, 1, 1, 2, 4, 4, seed=1), torch.float32)
-    o, state = dla_torch.dla_attention(*(None if x[n] is None else x[n][:0] for n in NAMES), config=config,
-                                       impl="cpu", output_final_state=True)
-    assert o.shape == (0, 1, 2, 4) and state.S.shape[0] == 0
+    x = make_inputs(config, 1, T, 2, 4, 5, seed=1)
+    attention, array = {"torch": (dla_torch.dla_attention, to_torch), "mlx": (dla_mlx.dla_attention, to_mlx)}[backend]
+    o, state = attention(*(None if x[n] is None else array(x[n][:0]) for n in NAMES), config=config, impl=impl,
+                         output_final_state=True)
+    assert tuple(o.shape) == (0, T, 2, 5) and tuple(state.S.shape) == (0, 2, config.num_slots, 4, 5)
 
 
 def test_cpu_refuses_what_it_cannot_do(monkeypatch):

@@ -76,8 +76,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     run = lambda s, e, st: IMPLS[impl](q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], lam[:, s:e],
                                        None if beta is None else beta[:, s:e],
                                        None if mask is None else mask[:, s:e], st, config=config, scale=scale)
-    if cu_seqlens is None:
-        o, state = run(0, T, state)
+    if cu_seqlens is None:  # no sequences (B = 0): nothing to run, and the chunk paths reduce over rows
+        o, state = run(0, T, state) if B else (mx.zeros((B, T, H, Dv), dtype=dtype), state)
     else:
         bounds = cu_seqlens.tolist()
         pieces = [run(s, e, _index_state(state, i)) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]

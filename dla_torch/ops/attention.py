@@ -78,8 +78,8 @@ def dla_attention(q, k, v, g, lam=None, beta=None, *, config: DLAConfig, scale: 
     donate = {"donate": donate_state} if impl == "cpu" else {}
     run = lambda state, *x: IMPLS[impl](*x, state, config=config, scale=scale, **donate)
     inputs = (q, k, v, g, lam, beta, mask)
-    if cu_seqlens is None:
-        o, state = run(state, *inputs)
+    if cu_seqlens is None:  # no sequences (B = 0): nothing to run, and the chunk paths reduce over rows
+        o, state = run(state, *inputs) if B else (q.new_zeros(B, T, H, Dv), state)
     else:
         bounds = cu_seqlens.tolist()
         starts, lengths = torch.tensor(bounds[:-1]), torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
