@@ -112,17 +112,15 @@ def _check(config):
         raise ValueError(f"train.dtype must be 'bf16' or 'fp32', got {t['dtype']!r}")
     for name in ("seq_len", "micro_batch", "grad_accum", "steps", "log_every", "eval_every", "eval_rows",
                  "save_every"):
-        if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < 1:
+        if not (_number(t[name], int) and t[name] >= 1):
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
-    if isinstance(t["warmup"], bool) or not isinstance(t["warmup"], int) or t["warmup"] < 0:
+    if not (_number(t["warmup"], int) and t["warmup"] >= 0):
         raise ValueError(f"train.warmup must be an integer >= 0, got {t['warmup']!r}")
     for name, (ok, what) in NUMBERS.items():
-        x = t[name]
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and ok(x)):
-            raise ValueError(f"train.{name} must be {what}, got {x!r}")
+        if not (_number(t[name]) and ok(t[name])):
+            raise ValueError(f"train.{name} must be {what}, got {t[name]!r}")
     betas = t["betas"]
-    if not (isinstance(betas, list) and len(betas) == 2 and all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's), got {betas!r}")
     for name in ("activation_checkpointing", "compile", "resume", "deterministic"):
         if not isinstance(t[name], bool):
@@ -130,7 +128,7 @@ def _check(config):
     if t["stop_at"] is not None and not (isinstance(t["stop_at"], int) and 0 < t["stop_at"] < t["steps"]):
         raise ValueError(f"train.stop_at must be a step between 1 and train.steps - 1, got {t['stop_at']!r}")
     fraction = config["data"]["valid_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    if not (_number(fraction) and 0 <= fraction < 1):
         raise ValueError(f"data.valid_fraction must be a number in [0, 1), got {fraction!r}")
     if Path(config["out"]).is_file():
         raise ValueError(f"out {config['out']!r} is a file; expected a folder for the run")
@@ -138,6 +136,11 @@ def _check(config):
         raise ValueError(f"model.type must be one of {sorted(model_types())}, got {config['model'].get('type')!r}")
     if not config["data"]["tokenizer"] or not config["data"]["train"]:
         raise ValueError("data.tokenizer (a folder with tokenizer.json) and data.train (files) are required")
+
+
+def _number(x, kind=(int, float)) -> bool:
+    """Whether a config value is a finite number of ``kind`` (JSON's true and false are not numbers)."""
+    return isinstance(x, kind) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def lr_factor(step: int, t: dict) -> float:

@@ -147,9 +147,9 @@ def output_folder(out, source=None, force: bool = False):
         tmp.chmod(0o755)  # mkdtemp's folder is private
         if out.is_dir():
             # mlx-lm and the loaders here read every model*.safetensors of a folder as weights
-            for stale in [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.index.json"),
-                          *out.glob(MANIFEST)]:
+            for stale in [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.index.json")]:
                 stale.unlink()
+            (out / MANIFEST).unlink(missing_ok=True)  # the old model's hashes
             for file in tmp.iterdir():
                 os.replace(file, out / file.name)
         else:

@@ -15,7 +15,7 @@ import torch
 
 import dla_shared
 import dla_torch
-from dla_shared import DLAConfig, DLAState, inspect
+from dla_shared import DLAConfig, DLAState, decode, inspect
 from dla_shared.config import POLICIES  # noqa: F401 (re-exported: the tests' policies are the config's)
 from dla_shared.state import canonical
 from dla_torch.models import DLAGatedDeltaNetConfig, DLAGatedDeltaNetForCausalLM, DLAMamba2Config, DLAMamba2ForCausalLM
@@ -24,6 +24,10 @@ NAMES = ("q", "k", "v", "g", "lam", "beta")
 TRANSITIONS = [pytest.param(False, id="diagonal"), pytest.param(True, id="delta")]  # the ``delta`` argument
 TOL32 = {"o": 4e-3, "grad": 1e-2}  # relative RMS, float32 (DESIGN section 5)
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+# The compiled decode step (impl="cpu"), built at install where a C compiler is (always in CI).
+needs_c = pytest.mark.skipif(not decode.available(), reason="the C step was not built (no C compiler)")
 
 
 def config_for(policy: str, **overrides) -> DLAConfig:

@@ -26,13 +26,13 @@ from helpers import (
     assert_states_close,
     config_for,
     make_inputs,
+    needs_c,
     prefix_state,
     scrambled,
     to_mlx,
     to_torch,
 )
 
-needs_c = pytest.mark.skipif(not decode.available(), reason="the C step was not built (no C compiler)")
 # mlx's exp is float32-accurate even on float64 arrays (tests/test_references.py)
 BACKENDS = {"mlx": SimpleNamespace(attention=dla_mlx.dla_attention, array=to_mlx, tol=1e-7),
             "torch": SimpleNamespace(attention=dla_torch.dla_attention, array=to_torch, tol=1e-12)}
